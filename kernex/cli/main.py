@@ -1,0 +1,26 @@
+"""Entry point of the `kernex` console script."""
+
+from __future__ import annotations
+
+import typer
+
+from kernex.cli import agent, broker, server
+
+app = typer.Typer(
+    name="kernex",
+    help="Kernex: fleet management and over-the-air updates for Linux edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(agent.app, name="agent", help="Run the device agent.")
+app.command("simulate", help="Run N simulated devices (real keys, real mTLS) in one process.")(
+    agent.simulate
+)
+app.add_typer(broker.pki_app, name="pki", help="Manage the fleet PKI.")
+app.add_typer(broker.broker_app, name="broker", help="Render and run the Mosquitto broker.")
+server.register(app)
+
+
+def main() -> None:
+    """Run the CLI."""
+    app()

@@ -1,0 +1,1 @@
+"""Shared infrastructure every Kernex process uses (logging, retry timing); imports nothing of ours."""
