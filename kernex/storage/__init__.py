@@ -1,0 +1,1 @@
+"""Persistence: SQLModel models, Alembic migrations, engines for PostgreSQL and SQLite."""

@@ -1,0 +1,232 @@
+"""The database schema as SQLModel tables.
+
+Every schema change ships as an Alembic migration in `migrations/versions/` that runs on both
+PostgreSQL and SQLite; tests compare the migrated schema with these models.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from kernex.storage.types import JSONType, UTCDateTime
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _uuid() -> str:
+    return uuid.uuid4().hex
+
+
+class AdmissionState(StrEnum):
+    """Where a device stands with the fleet (DESIGN.md "Admission policy")."""
+
+    ACTIVE = "active"
+    PENDING = "pending"
+    REJECTED = "rejected"
+    REVOKED = "revoked"
+
+
+class ConnectionState(StrEnum):
+    """Whether a device is connected, as its retained status topic and heartbeats say."""
+
+    UNKNOWN = "unknown"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Device(SQLModel, table=True):
+    """A registered device and its latest reported state (decided by seq, never arrival)."""
+
+    __tablename__ = "devices"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str | None = Field(default=None, max_length=128, index=True)
+    hardware: dict[str, Any] | None = Field(default=None, sa_type=JSONType)
+    key_type: str = Field(max_length=16)
+    public_key_pem: str = Field(sa_type=sa.Text)
+    key_fingerprint: str = Field(max_length=64, unique=True)
+    state: AdmissionState = Field(default=AdmissionState.ACTIVE, sa_type=sa.String(16), index=True)
+    status: ConnectionState = Field(default=ConnectionState.UNKNOWN, sa_type=sa.String(16), index=True)
+    status_changed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cert_serial: str | None = Field(default=None, max_length=64)
+    cert_not_after: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    tags: list[str] = Field(default_factory=list, sa_type=JSONType)
+    registered_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
+    # Latest heartbeat, by seq.
+    last_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
+    last_heartbeat_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    health: str | None = Field(default=None, max_length=64)
+    cpu_percent: float | None = None
+    memory_mb: float | None = None
+    disk_free_mb: float | None = None
+    uptime_s: float | None = None
+    bundle_id: str | None = Field(default=None, max_length=128)
+    bundle_version: str | None = Field(default=None, max_length=64, index=True)
+    config_version: int | None = Field(default=None, sa_type=sa.BigInteger)
+    agent_version: str | None = Field(default=None, max_length=64)
+
+
+class Heartbeat(SQLModel, table=True):
+    """One verified heartbeat; (device_id, seq) is stored once, so redelivery is idempotent."""
+
+    __tablename__ = "heartbeats"
+    __table_args__ = (sa.Index("ix_heartbeats_device_ts", "device_id", "ts"),)
+
+    device_id: str = Field(primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE")
+    seq: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    ts: datetime = Field(sa_type=UTCDateTime)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+    status: str = Field(max_length=64)
+    cpu_percent: float
+    memory_mb: float
+    disk_free_mb: float
+    uptime_s: float
+    bundle_id: str | None = Field(default=None, max_length=128)
+    bundle_version: str | None = Field(default=None, max_length=64)
+    config_version: int | None = Field(default=None, sa_type=sa.BigInteger)
+    agent_version: str = Field(default="", max_length=64)
+
+
+class DeviceEvent(SQLModel, table=True):
+    """One verified device event (deployment progress, config applied, ...)."""
+
+    __tablename__ = "device_events"
+    __table_args__ = (sa.Index("ix_device_events_device_ts", "device_id", "ts"),)
+
+    device_id: str = Field(primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE")
+    seq: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    ts: datetime = Field(sa_type=UTCDateTime)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+    type: str = Field(max_length=64, index=True)
+    data: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+
+
+class DeviceStatusChange(SQLModel, table=True):
+    """A recorded online/offline/revoked transition."""
+
+    __tablename__ = "device_status_changes"
+    __table_args__ = (sa.Index("ix_device_status_changes_device_at", "device_id", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64, foreign_key="devices.id", ondelete="CASCADE")
+    status: str = Field(max_length=16)
+    at: datetime = Field(sa_type=UTCDateTime)
+    reason: str | None = Field(default=None, max_length=128)
+
+
+class Bundle(SQLModel, table=True):
+    """An uploaded update bundle and its signed manifest."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (sa.UniqueConstraint("name", "version", name="uq_bundles_name_version"),)
+
+    id: str = Field(default_factory=_uuid, primary_key=True, max_length=64)
+    name: str = Field(max_length=128)
+    version: str = Field(max_length=64)
+    sha256: str = Field(max_length=64)
+    size: int = Field(sa_type=sa.BigInteger)
+    manifest: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    signature: str | None = Field(default=None, sa_type=sa.Text)
+    storage_key: str = Field(max_length=512)
+    quarantined: bool = False
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    created_by: str | None = Field(default=None, max_length=128)
+
+
+class Deployment(SQLModel, table=True):
+    """A bundle rolled out to a set of devices."""
+
+    __tablename__ = "deployments"
+
+    id: str = Field(default_factory=_uuid, primary_key=True, max_length=64)
+    bundle_id: str = Field(max_length=64, foreign_key="bundles.id", index=True)
+    status: str = Field(default="pending", max_length=32, index=True)
+    rollback: bool = False
+    timeout_s: int = 300
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    created_by: str | None = Field(default=None, max_length=128)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class DeploymentTarget(SQLModel, table=True):
+    """One device's part in a deployment."""
+
+    __tablename__ = "deployment_targets"
+
+    deployment_id: str = Field(
+        primary_key=True, max_length=64, foreign_key="deployments.id", ondelete="CASCADE"
+    )
+    device_id: str = Field(primary_key=True, max_length=64, foreign_key="devices.id", index=True)
+    status: str = Field(default="pending", max_length=32)
+    revision: int = Field(default=0, sa_type=sa.BigInteger)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+
+
+class DeviceConfig(SQLModel, table=True):
+    """One version of a device's desired configuration; older versions are its history."""
+
+    __tablename__ = "device_configs"
+
+    device_id: str = Field(primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE")
+    version: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    values: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    created_by: str | None = Field(default=None, max_length=128)
+
+
+class DeviceBundleHistory(SQLModel, table=True):
+    """Which bundle a device ran, from which deployment, with what result."""
+
+    __tablename__ = "device_bundle_history"
+    __table_args__ = (sa.Index("ix_device_bundle_history_device", "device_id", "started_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64, foreign_key="devices.id", ondelete="CASCADE")
+    bundle_id: str = Field(max_length=64, foreign_key="bundles.id")
+    version: str = Field(max_length=64)
+    deployment_id: str | None = Field(default=None, max_length=64, foreign_key="deployments.id")
+    result: str = Field(max_length=32)
+    started_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class User(SQLModel, table=True):
+    """An operator account."""
+
+    __tablename__ = "users"
+
+    id: str = Field(default_factory=_uuid, primary_key=True, max_length=64)
+    username: str = Field(max_length=128, unique=True)
+    password_hash: str = Field(max_length=512)
+    role: str = Field(max_length=16)
+    disabled: bool = False
+    # Bumped on logout-everywhere or password change: tokens carrying an older value are refused.
+    token_version: int = 0
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who did what to which target, when, from where, and how it ended."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=_now, sa_type=UTCDateTime, index=True)
+    actor: str = Field(max_length=128, index=True)
+    action: str = Field(max_length=64, index=True)
+    target: str | None = Field(default=None, max_length=256)
+    address: str | None = Field(default=None, max_length=64)
+    outcome: str = Field(max_length=16)
+    details: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
