@@ -1,0 +1,1 @@
+"""The operator- and device-facing REST API (FastAPI), grouped by domain."""

@@ -13,9 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(agent.app, name="agent", help="Run the device agent.")
-app.command("simulate", help="Run N simulated devices (real keys, real mTLS) in one process.")(
-    agent.simulate
-)
+app.command("simulate", help="Run N simulated devices (real keys, real mTLS) in one process.")(agent.simulate)
 app.add_typer(broker.pki_app, name="pki", help="Manage the fleet PKI.")
 app.add_typer(broker.broker_app, name="broker", help="Render and run the Mosquitto broker.")
 server.register(app)

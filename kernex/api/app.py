@@ -1,0 +1,77 @@
+"""The FastAPI application factory and the lifespan that owns its resources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+import kernex
+from kernex.api.broker_link import BrokerLink
+from kernex.api.devices import routes as devices
+from kernex.api.errors import install_error_handlers
+from kernex.api.health import routes as health
+from kernex.api.middleware import install_middleware
+from kernex.api.settings import ApiSettings
+from kernex.api.state import AppState
+from kernex.broker.exceptions import PKIError
+from kernex.broker.pki import API_IDENTITY, FleetPKI
+from kernex.kit.logs import get_logger
+from kernex.storage.database import create_engine, session_factory
+
+log = get_logger(__name__)
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """Build the API. Resources are created in the lifespan, not at import or build time."""
+    settings = settings or ApiSettings()
+    registry = CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pki = FleetPKI.from_settings(settings)
+        if not pki.is_initialized:
+            raise PKIError(f"no fleet PKI in {settings.pki_dir}: run `kernex pki init` first")
+        engine = create_engine(settings.resolved_database_url)
+        broker = BrokerLink(
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            ca_cert=pki.ca_cert_path,
+            cert=pki.service_cert_path(API_IDENTITY),
+            key=pki.service_key_path(API_IDENTITY),
+        )
+        app.state.kernex = AppState(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            pki=pki,
+            broker=broker,
+            registry=registry,
+        )
+        broker_task = asyncio.create_task(broker.run(), name="broker-link")
+        log.info("api started", database=engine.url.render_as_string(hide_password=True))
+        try:
+            yield
+        finally:
+            broker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await broker_task
+            await engine.dispose()
+            log.info("api stopped")
+
+    app = FastAPI(
+        title="Kernex API",
+        version=kernex.__version__,
+        description="Fleet management and over-the-air updates for Linux edge devices.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    install_middleware(app, registry, settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(devices.device_router)
+    app.include_router(devices.router)
+    return app

@@ -1,0 +1,78 @@
+"""`/api/v1/devices`: registration (devices) and the fleet read side (operators)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from kernex.api.deps import PKIDep, SessionDep, SettingsDep
+from kernex.api.devices import service
+from kernex.api.devices.schemas import DeviceDetail, DevicePage, FleetStats, HeartbeatOut, HeartbeatPage
+from kernex.protocol.messages import RegistrationRequest, RegistrationResponse
+from kernex.storage.models import AdmissionState, ConnectionState
+
+PAGE_MAX = 500  # bounds one response's size and query cost
+
+# Devices call this; the CSR's signature is their proof of possession.
+device_router = APIRouter(prefix="/api/v1/devices", tags=["devices (device-facing)"])
+# Operator routes: operator authentication attaches here as a router dependency.
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+
+@device_router.post(
+    "/register",
+    response_model=RegistrationResponse,
+    status_code=status.HTTP_201_CREATED,
+    operation_id="registerDevice",
+    responses={200: {"model": RegistrationResponse, "description": "The key was already registered"}},
+)
+async def register_device(
+    body: RegistrationRequest, response: Response, session: SessionDep, pki: PKIDep, settings: SettingsDep
+) -> RegistrationResponse:
+    """Register a device by CSR: 201 the first time, 200 for a key already registered."""
+    result, created = await service.register(session, pki, settings, body)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return result
+
+
+@router.get("", response_model=DevicePage, operation_id="listDevices")
+async def list_devices(
+    session: SessionDep,
+    status: ConnectionState | None = None,
+    state: AdmissionState | None = None,
+    q: Annotated[str | None, Query(max_length=128, description="Search by name or id")] = None,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> DevicePage:
+    """Devices, newest first, filtered by connection status and admission state, searchable."""
+    devices, total = await service.list_devices(
+        session, status=status, state=state, search=q, limit=limit, offset=offset
+    )
+    return DevicePage(items=[service.to_out(d) for d in devices], total=total, limit=limit, offset=offset)
+
+
+@router.get("/stats", response_model=FleetStats, operation_id="fleetStats")
+async def fleet_stats(session: SessionDep) -> FleetStats:
+    """Totals for the fleet overview."""
+    return await service.stats(session)
+
+
+@router.get("/{device_id}", response_model=DeviceDetail, operation_id="getDevice")
+async def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
+    """One device with its latest state."""
+    return service.to_detail(await service.get_device(session, device_id))
+
+
+@router.get("/{device_id}/heartbeats", response_model=HeartbeatPage, operation_id="listHeartbeats")
+async def list_heartbeats(
+    device_id: str,
+    session: SessionDep,
+    since: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 100,
+) -> HeartbeatPage:
+    """A device's heartbeats, newest first."""
+    rows = await service.heartbeats(session, device_id, since=since, limit=limit)
+    return HeartbeatPage(device_id=device_id, items=[HeartbeatOut.model_validate(r) for r in rows])

@@ -1,0 +1,105 @@
+"""Request and response bodies of the devices domain."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from kernex.storage.models import AdmissionState, ConnectionState
+
+
+class DeviceMetrics(BaseModel):
+    """Latest resource figures (from the heartbeat with the highest seq)."""
+
+    cpu_percent: float | None
+    memory_mb: float | None
+    disk_free_mb: float | None
+    uptime_s: float | None
+
+
+class BundleInfo(BaseModel):
+    """The bundle a device last reported running."""
+
+    id: str | None
+    version: str | None
+
+
+class DeviceOut(BaseModel):
+    """A device as operators see it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str | None
+    state: AdmissionState
+    status: ConnectionState
+    status_changed_at: datetime | None
+    key_type: str
+    hardware: dict[str, Any] | None
+    tags: list[str]
+    registered_at: datetime
+    last_seen_at: datetime | None
+    last_seq: int | None
+    last_heartbeat_at: datetime | None
+    health: str | None
+    metrics: DeviceMetrics
+    bundle: BundleInfo
+    config_version: int | None
+    agent_version: str | None
+    cert_not_after: datetime | None
+
+
+class DeviceDetail(DeviceOut):
+    """A device with its public key."""
+
+    public_key_pem: str
+    key_fingerprint: str
+
+
+class DevicePage(BaseModel):
+    """One page of devices."""
+
+    items: list[DeviceOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class HeartbeatOut(BaseModel):
+    """One stored heartbeat."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    seq: int
+    ts: datetime
+    received_at: datetime
+    status: str
+    cpu_percent: float
+    memory_mb: float
+    disk_free_mb: float
+    uptime_s: float
+    bundle_id: str | None
+    bundle_version: str | None
+    config_version: int | None
+    agent_version: str
+
+
+class HeartbeatPage(BaseModel):
+    """Heartbeats newest first."""
+
+    device_id: str
+    items: list[HeartbeatOut]
+
+
+class FleetStats(BaseModel):
+    """Counts for the fleet overview."""
+
+    total: int
+    online: int
+    offline: int
+    unknown: int
+    by_state: dict[str, int]
+    by_bundle_version: dict[str, int]
+    active_deployments: int

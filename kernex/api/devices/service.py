@@ -1,0 +1,214 @@
+"""Device registration and the fleet read side; raises domain errors, knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlmodel import col, func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from kernex.api.devices.schemas import BundleInfo, DeviceDetail, DeviceMetrics, DeviceOut, FleetStats
+from kernex.api.errors import NotFoundError
+from kernex.api.settings import ApiSettings
+from kernex.broker.pki import FleetPKI
+from kernex.kit.logs import get_logger
+from kernex.protocol.keys import (
+    device_id_for,
+    key_type_of,
+    load_csr,
+    public_key_fingerprint,
+    public_key_to_pem,
+)
+from kernex.protocol.messages import CommandKey, MqttEndpoint, RegistrationRequest, RegistrationResponse
+from kernex.storage.models import AdmissionState, ConnectionState, Deployment, Device, Heartbeat
+
+log = get_logger(__name__)
+
+ACTIVE_DEPLOYMENT_STATUSES = ("pending", "in_progress")
+
+
+async def register(
+    session: AsyncSession, pki: FleetPKI, settings: ApiSettings, request: RegistrationRequest
+) -> tuple[RegistrationResponse, bool]:
+    """Register (or re-register) the key in the CSR; returns the response and whether it is new."""
+    csr, public_key = load_csr(request.csr)
+    device_id = device_id_for(public_key)
+    device = await session.get(Device, device_id)
+    created = device is None
+    now = datetime.now(UTC)
+    if device is None:
+        device = Device(
+            id=device_id,
+            name=request.name,
+            hardware=request.hardware,
+            key_type=key_type_of(public_key).value,
+            public_key_pem=public_key_to_pem(public_key),
+            key_fingerprint=public_key_fingerprint(public_key),
+            state=AdmissionState.ACTIVE,
+            registered_at=now,
+            updated_at=now,
+        )
+        session.add(device)
+    else:
+        if request.name:
+            device.name = request.name
+        if request.hardware is not None:
+            device.hardware = request.hardware
+        device.updated_at = now
+    certificate: str | None = None
+    if device.state is AdmissionState.ACTIVE:
+        # Signing loads the CA key (a KDF over the passphrase): keep it off the event loop.
+        issued = await asyncio.to_thread(
+            pki.sign_device_csr, csr, device_id, timedelta(days=settings.device_cert_validity_days)
+        )
+        device.cert_serial = issued.serial
+        device.cert_not_after = issued.not_after
+        certificate = issued.pem
+    try:
+        await session.commit()
+    except sa.exc.IntegrityError:
+        # The same key registered concurrently: the other request created it; answer as a re-registration.
+        await session.rollback()
+        return await register(session, pki, settings, request)
+    log.info("device registered" if created else "device re-registered", device_id=device_id)
+    response = RegistrationResponse(
+        device_id=device_id,
+        status=device.state.value,
+        certificate=certificate,
+        ca_certificate=pki.ca_certificate_pem,
+        mqtt=MqttEndpoint(
+            host=settings.advertised_mqtt_host,
+            port=settings.advertised_mqtt_port,
+            topic_prefix=settings.topic_prefix,
+        ),
+        command_keys=[
+            CommandKey(kid=pki.command_key_id, alg="ES256", public_key_pem=pki.command_public_key_pem)
+        ],
+    )
+    return response, created
+
+
+def to_out(device: Device) -> DeviceOut:
+    """The operator view of a device row."""
+    return DeviceOut(
+        id=device.id,
+        name=device.name,
+        state=device.state,
+        status=device.status,
+        status_changed_at=device.status_changed_at,
+        key_type=device.key_type,
+        hardware=device.hardware,
+        tags=device.tags,
+        registered_at=device.registered_at,
+        last_seen_at=device.last_seen_at,
+        last_seq=device.last_seq,
+        last_heartbeat_at=device.last_heartbeat_at,
+        health=device.health,
+        metrics=DeviceMetrics(
+            cpu_percent=device.cpu_percent,
+            memory_mb=device.memory_mb,
+            disk_free_mb=device.disk_free_mb,
+            uptime_s=device.uptime_s,
+        ),
+        bundle=BundleInfo(id=device.bundle_id, version=device.bundle_version),
+        config_version=device.config_version,
+        agent_version=device.agent_version,
+        cert_not_after=device.cert_not_after,
+    )
+
+
+def to_detail(device: Device) -> DeviceDetail:
+    """The detail view, with key material that is public anyway."""
+    return DeviceDetail(
+        **to_out(device).model_dump(),
+        public_key_pem=device.public_key_pem,
+        key_fingerprint=device.key_fingerprint,
+    )
+
+
+async def list_devices(
+    session: AsyncSession,
+    *,
+    status: ConnectionState | None,
+    state: AdmissionState | None,
+    search: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[Device], int]:
+    """A page of devices, newest registrations first, with the total matching count."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    if status is not None:
+        conditions.append(col(Device.status) == status)
+    if state is not None:
+        conditions.append(col(Device.state) == state)
+    if search:
+        # Escape LIKE wildcards so a search for "50%" means the text, not a pattern.
+        pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        conditions.append(
+            sa.or_(
+                col(Device.name).ilike(pattern, escape="\\"),
+                col(Device.id).ilike(pattern, escape="\\"),
+            )
+        )
+    total = (await session.exec(select(func.count()).select_from(Device).where(*conditions))).one()
+    rows = await session.exec(
+        select(Device)
+        .where(*conditions)
+        .order_by(col(Device.registered_at).desc(), col(Device.id))
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(rows.all()), total
+
+
+async def get_device(session: AsyncSession, device_id: str) -> Device:
+    """One device, or NotFoundError."""
+    device = await session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id} not found")
+    return device
+
+
+async def heartbeats(
+    session: AsyncSession, device_id: str, *, since: datetime | None, limit: int
+) -> list[Heartbeat]:
+    """A device's heartbeats, newest first (by ts), optionally since a time."""
+    await get_device(session, device_id)
+    query = select(Heartbeat).where(col(Heartbeat.device_id) == device_id)
+    if since is not None:
+        query = query.where(col(Heartbeat.ts) >= since)
+    rows = await session.exec(
+        query.order_by(col(Heartbeat.ts).desc(), col(Heartbeat.seq).desc()).limit(limit)
+    )
+    return list(rows.all())
+
+
+async def stats(session: AsyncSession) -> FleetStats:
+    """Fleet counts by connection status, admission state and bundle version."""
+    by_status = dict(
+        (await session.exec(select(Device.status, func.count()).group_by(col(Device.status)))).all()
+    )
+    by_state = dict(
+        (await session.exec(select(Device.state, func.count()).group_by(col(Device.state)))).all()
+    )
+    versions = await session.exec(
+        select(Device.bundle_version, func.count()).group_by(col(Device.bundle_version))
+    )
+    active = (
+        await session.exec(
+            select(func.count())
+            .select_from(Deployment)
+            .where(col(Deployment.status).in_(ACTIVE_DEPLOYMENT_STATUSES))
+        )
+    ).one()
+    return FleetStats(
+        total=sum(by_status.values()),
+        online=by_status.get(ConnectionState.ONLINE, 0),
+        offline=by_status.get(ConnectionState.OFFLINE, 0),
+        unknown=by_status.get(ConnectionState.UNKNOWN, 0),
+        by_state={str(k): v for k, v in by_state.items()},
+        by_bundle_version={(v or "none"): n for v, n in versions.all()},
+        active_deployments=active,
+    )

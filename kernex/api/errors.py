@@ -1,0 +1,121 @@
+"""API errors and the one place that turns Kernex errors into HTTP responses.
+
+Services raise domain errors (never HTTPException); `install_error_handlers` maps them, and
+FastAPI's own validation errors, to one JSON shape: `{"error": {"code", "message", "request_id"}}`.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kernex.protocol.exceptions import InvalidCSRError, InvalidKeyError, KernexError, ProtocolError
+from kernex.storage.exceptions import DatabaseUnavailableError
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+class ApiError(KernexError):
+    """An error with an HTTP status and a stable machine-readable code."""
+
+    status_code = HTTPStatus.BAD_REQUEST
+    code = "bad_request"
+
+
+class NotFoundError(ApiError):
+    """The addressed resource does not exist."""
+
+    status_code = HTTPStatus.NOT_FOUND
+    code = "not_found"
+
+
+class ConflictError(ApiError):
+    """The request conflicts with the current state."""
+
+    status_code = HTTPStatus.CONFLICT
+    code = "conflict"
+
+
+class ForbiddenError(ApiError):
+    """The caller may not do this."""
+
+    status_code = HTTPStatus.FORBIDDEN
+    code = "forbidden"
+
+
+class ServiceUnavailableError(ApiError):
+    """A dependency (database, broker) is down; retry later."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "unavailable"
+
+
+def _status_and_code(exc: KernexError) -> tuple[int, str]:
+    if isinstance(exc, ApiError):
+        return exc.status_code, exc.code
+    if isinstance(exc, InvalidCSRError | InvalidKeyError):
+        return HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_csr"
+    if isinstance(exc, ProtocolError):
+        return HTTPStatus.UNPROCESSABLE_ENTITY, "invalid"
+    if isinstance(exc, DatabaseUnavailableError):
+        return HTTPStatus.SERVICE_UNAVAILABLE, "database_unavailable"
+    return HTTPStatus.INTERNAL_SERVER_ERROR, "internal"
+
+
+def error_response(request: Request, status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    """The one error body shape."""
+    body: dict[str, Any] = {
+        "code": code,
+        "message": message,
+        "request_id": getattr(request.state, "request_id", None),
+    }
+    body.update(extra)
+    return JSONResponse({"error": body}, status_code=status)
+
+
+async def _kernex_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KernexError)
+    status, code = _status_and_code(exc)
+    if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+        log.error("request failed", error=str(exc), code=code)
+    return error_response(request, status, code, str(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in errors[:20]]
+    return error_response(
+        request,
+        HTTPStatus.UNPROCESSABLE_ENTITY,
+        "validation_error",
+        f"{where}: {first.get('msg', 'invalid')}",
+        details=details,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    try:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    except ValueError:
+        code = "error"
+    response = error_response(request, exc.status_code, code, str(exc.detail))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on the app."""
+    app.add_exception_handler(KernexError, _kernex_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,6 @@
+"""Fixtures live in tests/fixtures/, one module per concern (database, broker, processes)."""
+
+pytest_plugins = [
+    "tests.fixtures.database",
+    "tests.fixtures.broker",
+]
