@@ -1,12 +1,115 @@
-"""`kernex agent ...` and `kernex simulate` (owned by the agent work; placeholder wiring)."""
+"""`kernex agent run` and `kernex simulate`: the device side of the CLI.
+
+Imports only the agent (no server code), so these commands work on a device that installed
+Kernex without the `server` extra. CLI options override `KERNEX_AGENT_*` settings.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from pydantic import ValidationError
+
+from kernex.agent.agent import Agent
+from kernex.agent.exceptions import AgentError
+from kernex.agent.settings import AgentSettings
+from kernex.agent.simulator import Simulator
+from kernex.kit.logs import configure, get_logger
+from kernex.protocol.keys import KeyType
+
+SIMULATOR_STATE_DIR = Path(".kernex-simulator")  # keeps simulated keys apart from a real agent's
+EXIT_REFUSED = 1  # the agent cannot run: registration refused, unusable key or state
+EXIT_USAGE = 2  # invalid settings, as for invalid command-line options
 
 app = typer.Typer(no_args_is_help=True)
+log = get_logger(__name__)
+
+ApiOption = Annotated[
+    str | None,
+    typer.Option("--api", help="Control-plane URL (env KERNEX_AGENT_API_URL).", show_default=False),
+]
+StateDirOption = Annotated[Path | None, typer.Option("--state-dir", help="Where keys and state live.")]
+KeyTypeOption = Annotated[
+    KeyType | None, typer.Option("--key-type", help="Key type for a new device key.", show_default=False)
+]
+IntervalOption = Annotated[
+    float | None, typer.Option("--interval", min=1.0, help="Seconds between heartbeats.", show_default=False)
+]
 
 
-def simulate() -> None:
-    """Filled in by the agent work."""
-    raise typer.Exit(2)
+@app.command("run")
+def run(
+    api: ApiOption = None,
+    state_dir: StateDirOption = None,
+    key_type: KeyTypeOption = None,
+    interval: IntervalOption = None,
+    name: Annotated[str | None, typer.Option("--name", help="A display name for the device.")] = None,
+) -> None:
+    """Run the device agent until Ctrl-C or SIGTERM."""
+    settings = _settings(
+        api_url=api, state_dir=state_dir, key_type=key_type, heartbeat_interval_s=interval, name=name
+    )
+    _run_until_signalled(Agent(settings).run())
+
+
+def simulate(
+    devices: Annotated[int, typer.Option("--devices", min=1, help="How many devices to simulate.")] = 10,
+    api: ApiOption = None,
+    state_dir: StateDirOption = None,
+    key_type: KeyTypeOption = None,
+    interval: IntervalOption = None,
+) -> None:
+    """Run N simulated devices (real keys, real mTLS), each under <state-dir>/device-NNNN."""
+    settings = _settings(api_url=api, state_dir=state_dir, key_type=key_type, heartbeat_interval_s=interval)
+    if "state_dir" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"state_dir": SIMULATOR_STATE_DIR})
+    _run_until_signalled(Simulator(settings, devices).run())
+
+
+def _settings(**overrides: Any) -> AgentSettings:
+    try:
+        settings = AgentSettings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        typer.echo(f"kernex: invalid setting {where}: {first['msg']}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    configure(settings.log_level, settings.log_format)
+    return settings
+
+
+def _run_until_signalled(work: Coroutine[Any, Any, None]) -> None:
+    try:
+        asyncio.run(_until_signal(work))
+    except AgentError as exc:
+        # Expected refusals are one log line, not a traceback.
+        log.error("agent stopped", error=str(exc))  # noqa: TRY400 - expected: one line, no traceback
+        raise typer.Exit(EXIT_REFUSED) from None
+
+
+async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` until it ends or SIGINT/SIGTERM arrives; a signal cancels it cleanly (exit 0)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    worker = asyncio.create_task(work, name="kernex-agent")
+    stopper = asyncio.create_task(stop.wait(), name="signals")
+    try:
+        await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not worker.done():
+            log.info("stopping")
+            worker.cancel()
+            # Let the agent say "offline" and disconnect before the loop closes.
+            await asyncio.wait({worker})
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    if not worker.cancelled():
+        worker.result()
