@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from kernex.storage.types import JSONType, UTCDateTime
+from kernex.storage.types import JSONType, UTCDateTime, str_enum
 
 
 def _now() -> datetime:
@@ -53,8 +53,10 @@ class Device(SQLModel, table=True):
     key_type: str = Field(max_length=16)
     public_key_pem: str = Field(sa_type=sa.Text)
     key_fingerprint: str = Field(max_length=64, unique=True)
-    state: AdmissionState = Field(default=AdmissionState.ACTIVE, sa_type=sa.String(16), index=True)
-    status: ConnectionState = Field(default=ConnectionState.UNKNOWN, sa_type=sa.String(16), index=True)
+    state: AdmissionState = Field(default=AdmissionState.ACTIVE, sa_type=str_enum(AdmissionState), index=True)
+    status: ConnectionState = Field(
+        default=ConnectionState.UNKNOWN, sa_type=str_enum(ConnectionState), index=True
+    )
     status_changed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     cert_serial: str | None = Field(default=None, max_length=64)
     cert_not_after: datetime | None = Field(default=None, sa_type=UTCDateTime)

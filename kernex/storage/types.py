@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,3 +38,14 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 # JSONB on Postgres (indexable, compact), plain JSON text elsewhere.
 JSONType: sa.types.TypeEngine[Any] = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def str_enum(enum: type[StrEnum], length: int = 16) -> sa.Enum:
+    """A VARCHAR holding the enum's values, loaded back as enum members (no native DB enum to migrate)."""
+    return sa.Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [m.value for m in members],
+    )
