@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kernex.broker._files import atomic_write, ensure_private_dir
 from kernex.broker.exceptions import PKIError
 from kernex.broker.settings import BrokerSettings
 from kernex.protocol.exceptions import InvalidKeyError
@@ -193,7 +194,7 @@ class FleetPKI:
             raise PKIError("the broker certificate needs at least one host name")
         for host in hosts:
             check_identity(host, "broker host")
-        _ensure_dir(self.directory)
+        ensure_private_dir(self.directory)
         with _exclusive_lock(self.directory / ".lock"):
             created = self._ensure_ca()
             ca_cert, _ = self._load_ca()
@@ -216,7 +217,7 @@ class FleetPKI:
                     created = True
             if not self.command_key_path.exists():
                 key = ec.generate_private_key(ec.SECP256R1())
-                _atomic_write(self.command_key_path, self._encrypt(key))
+                atomic_write(self.command_key_path, self._encrypt(key))
                 created = True
         return created
 
@@ -353,8 +354,8 @@ class FleetPKI:
         )
         # Key first: a crash in between leaves a key without a certificate, which init reports,
         # rather than a trusted certificate whose key is lost.
-        _atomic_write(self.ca_key_path, self._encrypt(key))
-        _atomic_write(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        atomic_write(self.ca_key_path, self._encrypt(key))
+        atomic_write(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
         self._ca = (cert, key)
         return True
 
@@ -424,15 +425,15 @@ class FleetPKI:
     ) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self._issue(common_name, key.public_key(), validity, usage, hosts=hosts)
-        _ensure_dir(cert_path.parent)
+        ensure_private_dir(cert_path.parent)
         # Unencrypted PKCS#8: Mosquitto and paho load these files without a passphrase.
-        _atomic_write(
+        atomic_write(
             key_path,
             key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ),
         )
-        _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
     def _issue(
         self,
@@ -517,39 +518,6 @@ def _read(path: Path) -> bytes:
         raise PKIError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _ensure_dir(path: Path) -> None:
-    """Create path with mode 0700 (and tighten it if it already exists)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # mkdir's mode is filtered by the umask and ignored for an existing directory.
-    path.chmod(0o700)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a 0600 file so that readers see the old content or the new, never a torn one."""
-    _ensure_dir(path.parent)
-    # mkstemp creates the file 0600 before any byte is written, so a key is never world-readable.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp_name).replace(path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Serialise `init` between processes (`kernex up` may start several at once)."""
@@ -564,7 +532,7 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 def _development_passphrase(path: Path) -> bytes:
     """Read the generated development passphrase, creating it on first use."""
     if not path.exists():
-        _ensure_dir(path.parent)
+        ensure_private_dir(path.parent)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from kernex.kit.settings import KernexSettings
 from kernex.protocol.topics import DEFAULT_PREFIX
 
 MQTT_TLS_PORT = 8883  # IANA port for MQTT over TLS
+# 256 KiB: a heartbeat JWS is about 1-2 KiB, so this leaves ample margin while refusing
+# megabyte payloads (mosquitto.conf explains the figure next to max_packet_size).
+MAX_PACKET_SIZE = 262_144
 
 
 class BrokerSettings(KernexSettings):
@@ -23,6 +26,10 @@ class BrokerSettings(KernexSettings):
     topic_prefix: str = DEFAULT_PREFIX
     # Encrypts the fleet CA key at rest. Generated into the data dir in development only.
     pki_passphrase: SecretStr | None = None
+    # The broker's max_packet_size; ingest rejects larger payloads (reason too_large) as well.
+    mqtt_max_packet_size: int = Field(default=MAX_PACKET_SIZE, ge=1024)
+    # Where `kernex broker run` listens: loopback by default; 0.0.0.0 to serve a real fleet.
+    broker_bind_address: str = "127.0.0.1"
 
     @property
     def pki_dir(self) -> Path:
