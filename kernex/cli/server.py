@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from kernex.kit import logs
+from kernex.protocol.exceptions import KernexError
 
 UP_HEARTBEAT_INTERVAL_S = 5  # quick start: devices visibly alive within seconds, not a minute
 CHILD_STOP_TIMEOUT_S = 15  # ingest flushes and acknowledges its last batch before exiting
@@ -123,38 +124,30 @@ def up(
     data_dir = settings.data_dir.resolve()
     os.environ["KERNEX_DATA_DIR"] = str(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    pki = FleetPKI.from_settings(settings)
-    pki.init()
-    upgrade(settings.resolved_database_url)
-    rendered = render(settings, pki, data_dir / "broker", port=mqtt_port)
     api_url = f"http://{settings.api_host}:{port}"
-    typer.echo(f"Kernex is starting; data in {data_dir}")
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    with MosquittoProcess(rendered.conf_path, port=mqtt_port):
-        try:
-            children.append(("ingest", _spawn("ingest")))
-            children.append(("api", _spawn("api")))
-            if devices:
-                children.append(
-                    (
-                        "devices",
-                        _spawn(
-                            "simulate",
-                            "--devices",
-                            str(devices),
-                            "--api",
-                            api_url,
-                            "--state-dir",
-                            str(data_dir / "simulated-devices"),
-                            "--interval",
-                            str(interval),
-                        ),
-                    )
-                )
-            typer.echo(f"API: {api_url}/docs    devices: {api_url}/api/v1/devices    Ctrl-C stops")
-            _wait_for_first_exit(children)
-        finally:
-            _stop(children)
+    try:
+        pki = FleetPKI.from_settings(settings)
+        pki.init()
+        upgrade(settings.resolved_database_url)
+        broker = MosquittoProcess.for_rendered(
+            render(settings, pki, data_dir / "broker", port=mqtt_port), pki
+        )
+        with broker:
+            typer.echo(f"Kernex: data in {data_dir}; Mosquitto on port {mqtt_port} (log: {broker.log_path})")
+            try:
+                children.append(("ingest", _spawn("ingest")))
+                children.append(("api", _spawn("api")))
+                if devices:
+                    simulate = ["--devices", str(devices), "--api", api_url, "--interval", str(interval)]
+                    state_dir = str(data_dir / "simulated-devices")
+                    children.append(("devices", _spawn("simulate", *simulate, "--state-dir", state_dir)))
+                typer.echo(f"API: {api_url}/docs    devices: {api_url}/api/v1/devices    Ctrl-C stops")
+                _wait_for_first_exit(children)
+            finally:
+                _stop(children)
+    except KernexError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
