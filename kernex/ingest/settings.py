@@ -1,0 +1,40 @@
+"""Settings of the ingest process: the database, the broker, and how messages are batched and judged."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from kernex.broker.settings import BrokerSettings
+from kernex.protocol.topics import INGEST_SHARE_GROUP
+from kernex.storage.settings import StorageSettings
+
+
+class IngestSettings(StorageSettings, BrokerSettings):
+    """One settings class for `kernex ingest` (environment prefix `KERNEX_`)."""
+
+    # Fixed, not random: the broker keeps the persistent session (subscriptions and unacknowledged
+    # messages) under this id, so a restarted worker resumes it. Run several workers with
+    # different ids in the same share group.
+    client_id: str = Field(default="kernex-ingest-1", min_length=1, max_length=128)
+    # The MQTT 5 shared-subscription group: the broker spreads heartbeats and events among workers.
+    share_group: str = Field(default=INGEST_SHARE_GROUP, min_length=1)
+    # How long the broker keeps the session, and queues messages for it, while the worker is down.
+    session_expiry_s: int = Field(default=86_400, ge=0, le=2**32 - 1)
+    # Messages committed in one transaction: large enough for COPY to pay off, small enough
+    # that a failed batch is cheap to retry.
+    batch_max: int = Field(default=500, ge=1, le=10_000)
+    # How long the first message of a batch may wait for company: latency against throughput.
+    batch_max_delay_ms: int = Field(default=50, ge=0, le=60_000)
+    # A heartbeat is a few hundred bytes; anything near this is abuse, not telemetry.
+    max_payload_bytes: int = Field(default=65_536, ge=256)
+    # A device clock may run ahead this much before its messages are refused.
+    max_future_skew_s: int = Field(default=300, ge=0)
+    # Devices buffer heartbeats and events while offline and publish them on reconnect: those
+    # are still accepted if no older than this (one day of outage by default).
+    max_age_s: int = Field(default=86_400, ge=1)
+    # How stale a device's cached key and admission state may be: revocation takes effect
+    # within this many seconds without a database query per message.
+    key_cache_ttl_s: float = Field(default=30.0, ge=0)
+    # Prometheus /metrics; 0 disables the HTTP server.
+    metrics_port: int = Field(default=9101, ge=0, le=65_535)
+    metrics_host: str = "127.0.0.1"
