@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -242,3 +244,32 @@ def test_cli_refusal_is_one_line_and_exit_code_1(api, tmp_path):
     assert len(errors) == 1
     assert "name is too long" in errors[0]["error"]
     assert Path(tmp_path, "device.key").exists()
+
+
+def test_cli_sigterm_while_retrying_exits_cleanly(tmp_path):
+    # A port nothing listens on: the agent keeps retrying registration until it is stopped.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = {**os.environ, "KERNEX_AGENT_LOG_FORMAT": "json"}
+    proc = subprocess.Popen(
+        [KERNEX, "agent", "run", "--api", f"http://127.0.0.1:{closed_port}", "--state-dir", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        # Wait for the first failed attempt: the agent is then inside its retry loop.
+        for line in proc.stderr:
+            if json.loads(line)["event"] == "registration failed, retrying":
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 0, rest
+    assert "Traceback" not in rest
