@@ -194,16 +194,17 @@ class MosquittoProcess:
             status = self._proc.poll()
             if status is not None:
                 raise BrokerStartError(f"mosquitto exited with status {status} while starting{self._tail()}")
-            try:
-                self._probe()
-            except OSError as exc:  # refused while binding, or a TLS error (ssl.SSLError is an OSError)
-                last_error = str(exc) or type(exc).__name__
+            # Probe only once the port is bound by our child: another broker of the same fleet
+            # holding the port would pass the TLS probe while ours fails to bind and exits.
+            if not _listens_on(self._proc.pid, self._port):
+                last_error = f"port {self._port} is not bound by mosquitto (pid {self._proc.pid}) yet"
             else:
-                # Still ours? A broker that lost the race for its port exits at once; the probe
-                # may then have reached whoever holds the port, so look again before trusting it.
-                if self._proc.poll() is None:
+                try:
+                    self._probe()
+                except OSError as exc:  # a TLS error too: ssl.SSLError is an OSError
+                    last_error = str(exc) or type(exc).__name__
+                else:
                     return
-                continue
             if time.monotonic() >= deadline:
                 raise BrokerStartError(
                     f"mosquitto did not accept TLS connections on {self.host}:{self._port} within "
@@ -234,3 +235,47 @@ class MosquittoProcess:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+_TCP_LISTEN = "0A"  # the `st` column of /proc/net/tcp for a listening socket
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """True if process pid holds a listening TCP socket on port (Linux /proc).
+
+    Where /proc cannot answer (no procfs, or no permission on the child's descriptors) it
+    returns True and leaves readiness to the TLS probe alone.
+    """
+    if not Path("/proc/self/fd").is_dir():
+        return True
+    inodes = _listening_socket_inodes(port)
+    if not inodes:
+        return False
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except PermissionError:
+        return True
+    except FileNotFoundError:
+        return False  # the child is gone; the caller's poll() reports how it exited
+    for fd in descriptors:
+        try:
+            if str(fd.readlink()) in inodes:
+                return True
+        except FileNotFoundError:
+            continue  # the descriptor closed while we were looking
+    return False
+
+
+def _listening_socket_inodes(port: int) -> set[str]:
+    """The `socket:[inode]` names of the TCP sockets listening on port, from /proc/net."""
+    inodes = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():
+            continue  # tcp6 is absent when IPv6 is disabled
+        with table.open(encoding="ascii") as handle:
+            next(handle)  # the header line
+            for line in handle:
+                fields = line.split()
+                if fields[3] == _TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    return inodes
