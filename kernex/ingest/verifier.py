@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 from kernex.ingest.keys import DeviceKey
@@ -163,7 +163,7 @@ class Verifier:
             status = parse_status(message.payload)
         except MessageError as exc:
             raise _Refused(RejectReason.MALFORMED, str(exc)) from None
-        ts = status.ts if status.ts is not None else message.received_at
+        ts = _as_utc(status.ts) if status.ts is not None else message.received_at
         # Only the future bound: a status is retained, so an old one is simply what the broker
         # last heard, and it only applies if newer than what the database already holds.
         if ts - message.received_at > self._limits.max_future_skew:
@@ -185,7 +185,7 @@ class Verifier:
         problem = _unstorable(claims)
         if problem is not None:
             raise _Refused(RejectReason.MALFORMED, problem)
-        self._check_clock(claims.ts, message.received_at)
+        self._check_clock(_as_utc(claims.ts), message.received_at)
         if isinstance(claims, Heartbeat):
             return VerifiedHeartbeat(device_id, claims, message.received_at)
         return VerifiedEvent(device_id, claims, message.received_at)
@@ -196,6 +196,14 @@ class Verifier:
             raise _Refused(RejectReason.CLOCK_SKEW, f"ts is {age} old")
         if -age > self._limits.max_future_skew:
             raise _Refused(RejectReason.CLOCK_SKEW, f"ts is {-age} in the future")
+
+
+def _as_utc(ts: datetime) -> datetime:
+    """The timestamp in UTC; a valid RFC 3339 time near year 1 or 9999 may not convert."""
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:
+        raise _Refused(RejectReason.MALFORMED, f"timestamp {ts.isoformat()} is out of range") from None
 
 
 def _verified_payload(token: bytes, device_id: str, key: DeviceKey, is_heartbeat: bool) -> bytes:

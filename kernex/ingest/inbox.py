@@ -1,0 +1,95 @@
+"""The hand-off from paho's network thread to the asyncio loop, and the batching on the loop side.
+
+paho calls `on_message` in its own thread; the callback only stamps the message and schedules
+`Inbox.put` on the loop (`call_soon_threadsafe`), so the network thread never waits for the
+database. The buffer is bounded by the broker, not by us: ingest announces a Receive Maximum
+(MQTT 5) equal to the inbox capacity, and a QoS 1 message stays in flight until it is
+acknowledged after commit, so the broker cannot send more than the inbox holds. QoS 0 messages
+do not count against Receive Maximum; they are dropped (and counted) when the inbox is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+
+from kernex.ingest.metrics import IngestMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message as paho delivered it, with what acknowledging it needs."""
+
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received_at: datetime
+    # Which broker connection delivered it: a packet id is only meaningful on its connection.
+    connection: int
+
+
+class Inbox:
+    """A bounded FIFO on the event loop; every method must be called on the loop's thread."""
+
+    def __init__(self, capacity: int, metrics: IngestMetrics) -> None:
+        self.capacity = capacity
+        self._metrics = metrics
+        self._items: deque[Incoming] = deque()
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called: nothing more is taken."""
+        return self._closed
+
+    def put(self, item: Incoming) -> bool:
+        """Take a message; False if it was refused (closed inbox, or QoS 0 into a full one).
+
+        A refused QoS 1 message is simply not acknowledged: the broker keeps it in the
+        persistent session and delivers it again on the next connection.
+        """
+        if self._closed:
+            return False
+        if item.qos == 0 and len(self._items) >= self.capacity:
+            self._metrics.dropped.inc()
+            return False
+        self._items.append(item)
+        self._metrics.pending_acks.inc()
+        self._changed.set()
+        return True
+
+    def close(self) -> None:
+        """Stop taking messages; get_batch() drains what is buffered, then returns []."""
+        self._closed = True
+        self._changed.set()
+
+    async def get_batch(self, max_items: int, max_delay_s: float) -> list[Incoming]:
+        """Wait for a first message, then up to max_delay_s for more, up to max_items.
+
+        Returns [] only when the inbox is closed and empty.
+        """
+        while not self._items:
+            if self._closed:
+                return []
+            self._changed.clear()
+            await self._changed.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_delay_s
+        while len(self._items) < max_items and not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+            except TimeoutError:
+                break
+        return [self._items.popleft() for _ in range(min(max_items, len(self._items)))]
