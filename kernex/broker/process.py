@@ -153,7 +153,7 @@ class MosquittoProcess:
             self._close_log()
 
     def reload(self) -> None:
-        """Ask Mosquitto to reload its config, ACL and certificates (SIGHUP)."""
+        """Ask Mosquitto to reload its config and ACL file (SIGHUP); existing connections stay up."""
         if self._proc is None or self._proc.poll() is not None:
             raise BrokerError("mosquitto is not running")
         self._proc.send_signal(signal.SIGHUP)
