@@ -45,8 +45,8 @@ async def test_datetimes_come_back_aware_utc_on_both_databases(database_url: str
             assert device is not None
             assert device.registered_at.tzinfo is not None
             assert device.state is models.AdmissionState.ACTIVE
+            device.last_seen_at = datetime(2026, 1, 1)  # noqa: DTZ001 - the point of the test
             with pytest.raises(sa.exc.StatementError, match="naive"):
-                device.last_seen_at = datetime(2026, 1, 1)  # noqa: DTZ001 - the point of the test
                 await session.commit()
             await session.rollback()
             device.last_seen_at = datetime(2026, 1, 1, tzinfo=UTC)
