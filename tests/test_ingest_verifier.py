@@ -269,3 +269,17 @@ def test_command_topic_is_not_ingested(fleet: Fleet) -> None:
     assert reason_of(verify(f"{TOPICS.prefix}/devices/{device_id}/commands/deploy", b"{}", fleet)) is (
         RejectReason.MALFORMED
     )
+
+
+def test_offline_status_counts_from_when_it_was_received(fleet: Fleet) -> None:
+    device_id = fleet.add(new_key())
+    # The agent's Last Will carries the time it connected, older than everything since.
+    connected_at = NOW - timedelta(hours=2)
+    will = json.dumps({"status": "offline", "ts": format_ts(connected_at)}).encode()
+    verdict = verify(TOPICS.status(device_id), will, fleet)
+    assert isinstance(verdict, VerifiedStatus)
+    assert verdict.ts == NOW
+    online = json.dumps({"status": "online", "ts": format_ts(connected_at)}).encode()
+    verdict = verify(TOPICS.status(device_id), online, fleet)
+    assert isinstance(verdict, VerifiedStatus)
+    assert abs(verdict.ts - connected_at) < timedelta(milliseconds=1)

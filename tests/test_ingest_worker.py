@@ -352,7 +352,9 @@ async def test_retained_status_and_last_will_drive_online_offline(
 ) -> None:
     identity = await registered(broker, pg_engine)
     status_topic = broker.topics.status(identity.device_id)
-    will = (status_topic, b'{"status":"offline"}', True)
+    # Like the agent's: the Will's ts is fixed when it connects, before everything it sends.
+    will_payload = json.dumps({"status": "offline", "ts": format_ts(ago(seconds=3))}).encode()
+    will = (status_topic, will_payload, True)
     device = await connect_device(broker, identity, will=will)
     # Published before any worker exists: only the retained copy can tell ingest.
     online = json.dumps({"status": "online", "ts": format_ts(ago(seconds=2))}).encode()
@@ -363,6 +365,12 @@ async def test_retained_status_and_last_will_drive_online_offline(
             return (await device_row(pg_engine, identity.device_id)).status is value
 
         await wait_for(lambda: status_is(ConnectionState.ONLINE), "online from the retained status")
+        await send(
+            device,
+            broker.topics.heartbeat(identity.device_id),
+            signed_heartbeat(identity.key, identity.device_id, 1),
+        )
+        await wait_for(lambda: _at_least(pg_engine, "heartbeats", 1), "a heartbeat of this connection")
         # The device drops off asking for its Will: the broker publishes "offline".
         await asyncio.to_thread(
             device.disconnect, reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")

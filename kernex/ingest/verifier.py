@@ -68,8 +68,13 @@ class VerifiedEvent:
 class VerifiedStatus:
     """An online/offline status of a known, admitted device.
 
-    `ts` is the device's timestamp, or the receive time when the payload has none (the Last
-    Will is composed at connect time, so devices leave its ts out).
+    `ts` orders it against the device's other statuses and heartbeats. For "online" it is the
+    device's timestamp (the receive time if there is none). For "offline" it is the later of
+    the two: the broker publishes the Last Will when the connection dies, but its payload (and
+    ts) was fixed at connect time, before the "online" and every heartbeat of that connection;
+    taken at face value, a Will could never win. The receive time is when the platform learnt
+    the connection was gone. The cost: a queued "offline" replayed late (a worker catching up)
+    counts as recent, and the device shows offline until its next live heartbeat.
     """
 
     device_id: str
@@ -164,6 +169,8 @@ class Verifier:
         except MessageError as exc:
             raise _Refused(RejectReason.MALFORMED, str(exc)) from None
         ts = _as_utc(status.ts) if status.ts is not None else message.received_at
+        if status.status is ConnectionStatus.OFFLINE:
+            ts = max(ts, message.received_at)
         # Only the future bound: a status is retained, so an old one is simply what the broker
         # last heard, and it only applies if newer than what the database already holds.
         if ts - message.received_at > self._limits.max_future_skew:
