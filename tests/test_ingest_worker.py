@@ -384,3 +384,51 @@ async def test_retained_status_and_last_will_drive_online_offline(
             .all()
         )
     assert list(changes) == ["online", "offline"]
+
+
+async def test_run_ingest_serves_metrics_and_flushes_when_cancelled(
+    broker: RunningBroker, pg_url: str, pg_engine: AsyncEngine
+) -> None:
+    import httpx  # noqa: PLC0415 - only this test reads the metrics endpoint
+
+    from kernex.ingest.worker import run_ingest  # noqa: PLC0415 - the entry point under test
+    from tests.fixtures.broker import TEST_PKI_PASSPHRASE, free_port  # noqa: PLC0415
+
+    identity = await registered(broker, pg_engine)
+    port = free_port()
+    settings = ingest_settings(
+        broker,
+        pg_url,
+        broker.pki.directory.parent,  # run_ingest finds the PKI at data_dir/pki, as in production
+        pki_passphrase=TEST_PKI_PASSPHRASE.decode(),
+        metrics_port=port,
+    )
+    task = asyncio.create_task(run_ingest(settings))
+
+    async def scrape(line: str) -> str:
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        except httpx.TransportError:
+            return ""  # not listening yet
+        return text if line in text else ""
+
+    # Subscribed before the device publishes: a brand-new session has nothing to queue into.
+    await wait_for(lambda: scrape("kernex_ingest_broker_connected 1.0"), "the worker subscribed")
+    device = await connect_device(broker, identity)
+    try:
+        await send(
+            device,
+            broker.topics.heartbeat(identity.device_id),
+            signed_heartbeat(identity.key, identity.device_id, 1),
+        )
+        await wait_for(lambda: _at_least(pg_engine, "heartbeats", 1), "the heartbeat")
+        accepted = 'kernex_ingest_messages_total{channel="heartbeat",outcome="accepted"} 1.0'
+        text = await wait_for(lambda: scrape(accepted), "the accepted heartbeat in /metrics")
+        assert "kernex_ingest_rejected_total" in text
+    finally:
+        await asyncio.to_thread(close_client, device)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert task.cancelled()

@@ -72,6 +72,11 @@ class IngestMetrics:
             "Failed batch writes; the batch is retried and stays unacknowledged until it commits.",
             registry=self.registry,
         )
+        self.connected = Gauge(
+            "kernex_ingest_broker_connected",
+            "1 while connected to the broker with the subscriptions in place, else 0.",
+            registry=self.registry,
+        )
         self.dropped = Counter(
             "kernex_ingest_dropped_total",
             "QoS 0 messages dropped because the buffer was full (QoS 1 is never dropped).",

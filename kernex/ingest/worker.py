@@ -91,7 +91,8 @@ class _RejectionLog:
     def __init__(self, interval_s: float = REJECTION_WARNING_INTERVAL_S) -> None:
         self._interval_s = interval_s
         self._counts: Counter[str] = Counter()
-        self._since = time.monotonic()
+        # The first rejections are reported at once; later ones wait for the interval to pass.
+        self._since = time.monotonic() - interval_s
 
     def add(self, rejection: Rejection) -> None:
         self._counts[rejection.reason.value] += 1
@@ -351,6 +352,7 @@ class IngestWorker:
             log.error("broker refused subscriptions", reasons=refused)
             self._resolve_ready(BrokerConnectionError(f"broker refused the subscriptions: {refused}"))
         else:
+            self.metrics.connected.set(1)
             self._resolve_ready(None)
 
     def _on_disconnect(
@@ -363,6 +365,7 @@ class IngestWorker:
     ) -> None:
         with self._ack_lock:
             self._connection += 1
+        self.metrics.connected.set(0)
         if self._stopping:
             log.info("disconnected from broker")
         else:
