@@ -228,7 +228,8 @@ def test_ingest_publishes_to_the_fleet_tree_only(broker: RunningBroker, mqtt_con
 @pytest.mark.xfail(
     reason="Mosquitto 2.0.11's acl_file never checks subscriptions (security_default.c: 'FIXME - "
     "implement ACL subscription strings'): a device may join the ingest share group, and the "
-    "messages the broker hands to it are then dropped by the delivery-time ACL check",
+    "messages the broker hands to it are then dropped by the delivery-time ACL check. Kernex "
+    "mitigates this by keeping the group's name secret (IngestSettings.share_group)",
 )
 def test_a_device_cannot_divert_messages_from_the_ingest_share_group(
     broker: RunningBroker, mqtt_connect: Connect

@@ -21,7 +21,6 @@ import ipaddress
 import os
 import secrets
 import ssl
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kernex.broker._files import atomic_write, ensure_private_dir
 from kernex.broker.exceptions import PKIError
+from kernex.broker.secrets import development_secret
 from kernex.broker.settings import BrokerSettings
 from kernex.protocol.exceptions import InvalidKeyError
 from kernex.protocol.keys import (
@@ -118,7 +118,9 @@ class FleetPKI:
         elif settings.is_production:
             raise PKIError("KERNEX_PKI_PASSPHRASE must be set when KERNEX_ENVIRONMENT=production")
         else:
-            passphrase = _development_passphrase(settings.data_dir / "secrets" / "pki-passphrase")
+            passphrase = development_secret(
+                settings.data_dir, "pki-passphrase", nbytes=PASSPHRASE_BYTES
+            ).encode()
         return cls(settings.pki_dir, passphrase)
 
     # --- paths -----------------------------------------------------------------------------
@@ -527,24 +529,3 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-
-
-def _development_passphrase(path: Path) -> bytes:
-    """Read the generated development passphrase, creating it on first use."""
-    if not path.exists():
-        ensure_private_dir(path.parent)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(secrets.token_urlsafe(PASSPHRASE_BYTES).encode("ascii"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            # link() fails if another process created the file first: both then use its value.
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp_name, path)
-        finally:
-            Path(tmp_name).unlink(missing_ok=True)
-    passphrase = _read(path).strip()
-    if not passphrase:
-        raise PKIError(f"{path} is empty: remove it to generate a new development passphrase")
-    return passphrase

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
+from kernex.broker.secrets import development_secret
 from kernex.broker.settings import BrokerSettings
 from kernex.protocol.topics import INGEST_SHARE_GROUP
 from kernex.storage.settings import StorageSettings
+
+SHARE_GROUP_MIN_LEN = 24  # long enough that a device cannot guess it
 
 
 class IngestSettings(StorageSettings, BrokerSettings):
@@ -17,7 +20,11 @@ class IngestSettings(StorageSettings, BrokerSettings):
     # different ids in the same share group.
     client_id: str = Field(default="kernex-ingest-1", min_length=1, max_length=128)
     # The MQTT 5 shared-subscription group: the broker spreads heartbeats and events among workers.
-    share_group: str = Field(default=INGEST_SHARE_GROUP, min_length=1)
+    # It is a secret: Mosquitto 2.0.11's ACL file does not check subscriptions, so a device that
+    # knows the group's name can join it and make the broker drop the share it is handed (the
+    # ACL blocks the delivery). Unset, development generates one into the data dir; production
+    # requires KERNEX_SHARE_GROUP, the same value on every worker.
+    share_group: SecretStr | None = None
     # How long the broker keeps the session, and queues messages for it, while the worker is down.
     session_expiry_s: int = Field(default=86_400, ge=0, le=2**32 - 1)
     # Messages committed in one transaction: large enough for COPY to pay off, small enough
@@ -38,3 +45,21 @@ class IngestSettings(StorageSettings, BrokerSettings):
     # Prometheus /metrics; 0 disables the HTTP server.
     metrics_port: int = Field(default=9101, ge=0, le=65_535)
     metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _require_share_group_in_production(self) -> IngestSettings:
+        if self.is_production:
+            value = self.share_group.get_secret_value() if self.share_group else ""
+            if len(value) < SHARE_GROUP_MIN_LEN or any(c in value for c in "/+#"):
+                raise ValueError(
+                    f"KERNEX_SHARE_GROUP must be set ({SHARE_GROUP_MIN_LEN}+ characters, no / + #) "
+                    "when KERNEX_ENVIRONMENT=production"
+                )
+        return self
+
+    def resolved_share_group(self) -> str:
+        """The share group name: configured, or generated once into the data dir (development)."""
+        if self.share_group is not None:
+            return self.share_group.get_secret_value()
+        # token_urlsafe never yields / + or #, so the name is a valid topic level.
+        return f"{INGEST_SHARE_GROUP}-{development_secret(self.data_dir, 'ingest-share-group', nbytes=18)}"

@@ -130,6 +130,8 @@ class IngestWorker:
         pki: FleetPKI | None = None,
     ) -> None:
         self.settings = settings
+        # A secret: never logged (see IngestSettings.share_group).
+        self._share_group = settings.resolved_share_group()
         self.metrics = metrics if metrics is not None else IngestMetrics()
         self._own_engine = engine is None
         self.engine = engine if engine is not None else create_engine(settings.resolved_database_url)
@@ -186,7 +188,6 @@ class IngestWorker:
         log.info(
             "ingest worker started",
             client_id=self.settings.client_id,
-            share_group=self.settings.share_group,
             batch_max=self.settings.batch_max,
         )
         return self
@@ -281,7 +282,7 @@ class IngestWorker:
             ) from None
 
     def _subscriptions(self) -> list[tuple[str, SubscribeOptions]]:
-        group = self.settings.share_group
+        group = self._share_group
         return [
             (self.topics.shared(Channel.HEARTBEAT, group), SubscribeOptions(qos=1)),
             (self.topics.shared(Channel.EVENTS, group), SubscribeOptions(qos=1)),
