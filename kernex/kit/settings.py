@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kernex.kit.logs import LogFormat
+
 
 class Environment(StrEnum):
     """Development generates missing secrets into the data dir; production refuses to start."""
@@ -24,7 +26,7 @@ class KernexSettings(BaseSettings):
     # Holds the embedded SQLite file, the filesystem bundle store, the PKI and generated secrets.
     data_dir: Path = Path(".kernex")
     log_level: str = "INFO"
-    log_format: str = "console"
+    log_format: LogFormat = "console"
 
     @property
     def is_production(self) -> bool:
