@@ -134,10 +134,3 @@ async def test_agent_restart_keeps_identity_and_seq_and_last_will_marks_offline(
         )
         total = await scalar(pg_url, "SELECT count(*) FROM heartbeats WHERE device_id = :id", id=device_id)
         assert stored == total
-
-
-def test_kernex_cli_is_installed() -> None:
-    result = subprocess.run([KERNEX, "--help"], capture_output=True, text=True, check=False)
-    assert result.returncode == 0
-    for command in ("up", "api", "ingest", "agent", "simulate", "pki", "broker", "db"):
-        assert command in result.stdout
