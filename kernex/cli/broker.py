@@ -113,7 +113,7 @@ def broker_run(port: PortOption = None, host: HostsOption = None) -> None:
     """Render the config and run Mosquitto in the foreground until Ctrl-C."""
     with _errors_as_exit():
         settings = BrokerSettings()
-        configure(settings.log_level, "json" if settings.log_format == "json" else "console")
+        configure(settings.log_level, settings.log_format_in_effect)
         pki, rendered = _render(settings, port, None, host)
         with (
             MosquittoProcess.for_rendered(rendered, pki, inherit_output=True) as proc,

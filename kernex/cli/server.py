@@ -70,7 +70,7 @@ def api(
         settings = ApiSettings(**overrides)  # type: ignore[arg-type] # pydantic-settings takes field names
     except ValueError as exc:
         raise _fail(f"invalid settings: {exc}") from None
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format_in_effect)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.api_host,
@@ -92,7 +92,7 @@ def ingest() -> None:
         settings = IngestSettings()
     except ValueError as exc:
         raise _fail(f"invalid settings: {exc}") from None
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format_in_effect)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_ingest(settings))
 
@@ -120,7 +120,7 @@ def up(
         settings = ApiSettings()
     except ValueError as exc:
         raise _fail(f"invalid settings: {exc}") from None
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format_in_effect)
     data_dir = settings.data_dir.resolve()
     os.environ["KERNEX_DATA_DIR"] = str(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -26,7 +26,15 @@ class KernexSettings(BaseSettings):
     # Holds the embedded SQLite file, the filesystem bundle store, the PKI and generated secrets.
     data_dir: Path = Path(".kernex")
     log_level: str = "INFO"
-    log_format: LogFormat = "console"
+    # Unset: JSON lines in production (for log shippers), readable console lines in development.
+    log_format: LogFormat | None = None
+
+    @property
+    def log_format_in_effect(self) -> LogFormat:
+        """The configured log format, or the environment's default."""
+        if self.log_format is not None:
+            return self.log_format
+        return "json" if self.environment is Environment.PRODUCTION else "console"
 
     @property
     def is_production(self) -> bool:
