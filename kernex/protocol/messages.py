@@ -166,3 +166,5 @@ class RegistrationResponse(BaseModel):
     ca_certificate: str
     mqtt: MqttEndpoint
     command_keys: list[CommandKey]
+    # Keys that sign bundle releases; agents verify every bundle against these before extracting.
+    release_keys: list[CommandKey] = Field(default_factory=list)
