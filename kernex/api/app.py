@@ -51,6 +51,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             pki=pki,
             broker=broker,
             registry=registry,
+            jwt_secret=settings.resolved_jwt_secret(),
         )
         broker_task = asyncio.create_task(broker.run(), name="broker-link")
         log.info("api started", database=engine.url.render_as_string(hide_password=True))

@@ -27,6 +27,30 @@ class ApiError(KernexError):
     status_code = HTTPStatus.BAD_REQUEST
     code = "bad_request"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers the status requires (WWW-Authenticate, Retry-After)."""
+        return {}
+
+
+class UnauthorizedError(ApiError):
+    """No credentials, or credentials that do not prove who the caller is (RFC 6750)."""
+
+    status_code = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, token_given: bool = True) -> None:
+        super().__init__(message)
+        self.token_given = token_given
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # RFC 6750 §3: error="invalid_token" only when a token was presented.
+        challenge = 'Bearer realm="kernex"'
+        if self.token_given:
+            challenge += ', error="invalid_token"'
+        return {"WWW-Authenticate": challenge}
+
 
 class NotFoundError(ApiError):
     """The addressed resource does not exist."""
@@ -47,6 +71,21 @@ class ForbiddenError(ApiError):
 
     status_code = HTTPStatus.FORBIDDEN
     code = "forbidden"
+
+
+class RateLimitedError(ApiError):
+    """Too many requests from this client; retry after the given number of seconds."""
+
+    status_code = HTTPStatus.TOO_MANY_REQUESTS
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, retry_after_s)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class ServiceUnavailableError(ApiError):
@@ -84,7 +123,10 @@ async def _kernex_error(request: Request, exc: Exception) -> JSONResponse:
     status, code = _status_and_code(exc)
     if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
         log.error("request failed", error=str(exc), code=code)
-    return error_response(request, status, code, str(exc))
+    response = error_response(request, status, code, str(exc))
+    if isinstance(exc, ApiError):
+        response.headers.update(exc.headers)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

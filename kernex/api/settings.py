@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
+from kernex.broker.secrets import development_secret
 from kernex.broker.settings import BrokerSettings
 from kernex.storage.settings import StorageSettings
 
 API_PORT = 8000  # the conventional local development port for HTTP APIs
 DEVICE_CERT_VALIDITY_DAYS = 30  # short-lived: a lost device's certificate dies within a month
+ACCESS_TOKEN_TTL_S = 3600  # an operator signs in about once an hour; a leaked token dies within it
+# HS256 keys shorter than the hash output (32 bytes) weaken the MAC (RFC 7518 §3.2).
+JWT_SECRET_MIN_CHARS = 32
+# A secret drawn from fewer distinct characters than this is a pattern ("xxxx...", "abab..."), not a secret.
+JWT_SECRET_MIN_DISTINCT_CHARS = 10
+# Published example keys (FastAPI's OAuth2 tutorial, jwt.io's debugger): long enough, yet public.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "09d25e094faa6ca2556c818166b7a9563b93f7099f6f0f4caa6cf63b88e8d3e7",
+        "your-256-bit-secret",
+    }
+)
+# Placeholder words copied from templates and compose files: a secret containing one was never replaced.
+PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "changethis", "replace-me", "example")
+JWT_SECRET_NAME = "jwt-secret"  # noqa: S105 - the file name in the data dir, not a secret
 
 
 class AdmissionPolicy(StrEnum):
@@ -28,6 +44,21 @@ class ApiSettings(StorageSettings, BrokerSettings):
     device_cert_validity_days: int = Field(default=DEVICE_CERT_VALIDITY_DAYS, ge=1, le=397)
     # Bodies above this are refused with 413 before they are read (bundle uploads have their own).
     max_body_bytes: int = 1024 * 1024
+    # Signs operator access tokens (HS256). Generated into the data dir in development only.
+    jwt_secret: SecretStr | None = None
+    access_token_ttl_s: int = Field(default=ACCESS_TOKEN_TTL_S, ge=60, le=24 * 3600)
+    # Browser origins allowed to call the API (the dashboard when served from elsewhere); none by default.
+    cors_origins: list[str] = Field(default_factory=list)
+    # Requests per minute per client address, for every route except the health probes and /metrics.
+    rate_limit_per_minute: int = Field(default=60, ge=1)
+    # Login attempts per minute per client address and username (brute force); per address it is 4x this.
+    login_rate_limit_per_minute: int = Field(default=5, ge=1)
+    # Behind a reverse proxy: take the client address from the last X-Forwarded-For hop and the scheme
+    # from X-Forwarded-Proto. Off by default: a direct client could otherwise pick its own address.
+    trust_forwarded_for: bool = False
+    # When set, GET /metrics requires `Authorization: Bearer <this>`; unset, /metrics is open and
+    # should be reachable only from the monitoring network.
+    metrics_token: SecretStr | None = None
 
     @property
     def advertised_mqtt_host(self) -> str:
@@ -38,3 +69,25 @@ class ApiSettings(StorageSettings, BrokerSettings):
     def advertised_mqtt_port(self) -> int:
         """The broker port devices are told to use."""
         return self.mqtt_public_port or self.mqtt_port
+
+    def resolved_jwt_secret(self) -> str:
+        """The configured JWT secret, or in development one generated into the data dir."""
+        if self.jwt_secret is not None:
+            return self.jwt_secret.get_secret_value()
+        return development_secret(self.data_dir, JWT_SECRET_NAME)
+
+    @model_validator(mode="after")
+    def _require_jwt_secret_in_production(self) -> ApiSettings:
+        if self.is_production:
+            secret = self.jwt_secret.get_secret_value() if self.jwt_secret else ""
+            if (
+                len(secret) < JWT_SECRET_MIN_CHARS
+                or len(set(secret)) < JWT_SECRET_MIN_DISTINCT_CHARS
+                or secret.strip() in KNOWN_DEFAULT_SECRETS
+                or any(word in secret.lower() for word in PLACEHOLDER_WORDS)
+            ):
+                raise ValueError(
+                    f"KERNEX_JWT_SECRET must be set to a random value ({JWT_SECRET_MIN_CHARS}+ characters, "
+                    "e.g. `openssl rand -base64 48`) when KERNEX_ENVIRONMENT=production"
+                )
+        return self

@@ -23,3 +23,5 @@ class AppState:
     pki: FleetPKI
     broker: BrokerLink
     registry: CollectorRegistry
+    # Resolved once at start: in development it is read from (or generated into) the data dir.
+    jwt_secret: str

@@ -232,3 +232,29 @@ class AuditEntry(SQLModel, table=True):
     address: str | None = Field(default=None, max_length=64)
     outcome: str = Field(max_length=16)
     details: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+
+
+class ApiToken(SQLModel, table=True):
+    """A token for integrators and CI: `kx_<id>_<secret>`, of which only the secret's SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=128)
+    # "read" (viewer) or "operator": an API token never carries admin rights.
+    scope: str = Field(max_length=16)
+    secret_sha256: str = Field(max_length=64)
+    created_by: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class RevokedAccessToken(SQLModel, table=True):
+    """An operator access token signed out before its expiry (jti denylist); pruned once expired."""
+
+    __tablename__ = "revoked_access_tokens"
+
+    jti: str = Field(primary_key=True, max_length=64)
+    expires_at: datetime = Field(sa_type=UTCDateTime, index=True)
