@@ -1,0 +1,277 @@
+"""Bundles in any S3 API (AWS S3, MinIO, Ceph) via boto3.
+
+boto3 blocks, so every call runs in a worker thread. Uploads are buffered into parts of
+PART_BYTES: an object that fits in one part is a single PUT, a larger one a multipart upload
+with at most one part in flight while the next fills (memory stays at about two parts), and
+any failure aborts the multipart upload so no parts linger (and are billed) in the bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from kernex.kit.logs import get_logger
+from kernex.storage.bundles.exceptions import BundleStoreError, StoredObjectMissingError
+from kernex.storage.bundles.store import CHUNK_BYTES, BundleStore, StoredObject, Upload, check_key
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+# S3 requires parts of at least 5 MiB (but the last); 8 MiB is the AWS CLI's default and keeps
+# 10,000 parts (S3's maximum) enough for 80 GiB.
+PART_BYTES = 8 * 1024 * 1024
+# Transient errors (throttling, 5xx, resets) are retried by botocore's standard mode.
+MAX_ATTEMPTS = 5
+# Threads may share one client; its pool bounds concurrent requests to the store.
+MAX_POOL_CONNECTIONS = 32
+log = get_logger(__name__)
+
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach the bucket and how to write to it."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    # "AES256" or "aws:kms"; None stores objects as the bucket's default encryption says.
+    sse: str | None = None
+    kms_key_id: str | None = None
+    part_bytes: int = PART_BYTES
+
+
+class S3Store(BundleStore):
+    """Bundles as objects in one bucket."""
+
+    kind: ClassVar[str] = "s3"
+
+    def __init__(self, options: S3Options, client: S3Client) -> None:
+        if options.part_bytes < 5 * 1024 * 1024:
+            raise BundleStoreError("S3 multipart parts must be at least 5 MiB")
+        self.options = options
+        self.bucket = options.bucket
+        self.client = client
+
+    @classmethod
+    async def create(cls, options: S3Options) -> S3Store:
+        """A store with its own boto3 client (building one reads botocore's models from disk)."""
+        return cls(options, await asyncio.to_thread(make_client, options))
+
+    def sse_args(self) -> dict[str, str]:
+        args: dict[str, str] = {}
+        if self.options.sse:
+            args["ServerSideEncryption"] = self.options.sse
+            if self.options.kms_key_id:
+                args["SSEKMSKeyId"] = self.options.kms_key_id
+        return args
+
+    async def call(self, operation: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        """Run a blocking boto3 call in a thread, translating its errors."""
+        try:
+            return await asyncio.to_thread(fn, **kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "unknown"))
+            if code in _MISSING_CODES:
+                raise StoredObjectMissingError(f"S3 {operation}: no such object or bucket ({code})") from None
+            raise BundleStoreError(f"S3 {operation} failed: {code}: {error.get('Message', '')}") from None
+        except BotoCoreError as exc:
+            raise BundleStoreError(f"S3 {operation} failed: {exc}") from None
+
+    async def start(self) -> None:
+        try:
+            await self.call("HeadBucket", self.client.head_bucket, Bucket=self.bucket)
+        except StoredObjectMissingError:
+            raise BundleStoreError(f"S3 bucket {self.bucket!r} does not exist") from None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.client.close)
+
+    async def begin(self, key: str) -> Upload:
+        return _S3Upload(self, check_key(key))
+
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        if end is not None and end <= start:
+            return
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key)}
+        if start or end is not None:
+            args["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        response = await self.call("GetObject", self.client.get_object, **args)
+        body = response["Body"]
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(body.read, CHUNK_BYTES)
+                except (BotoCoreError, OSError) as exc:
+                    raise BundleStoreError(f"S3 GetObject {key!r} failed mid-stream: {exc}") from None
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            await asyncio.to_thread(body.close)
+
+    async def stat(self, key: str) -> StoredObject:
+        head = await self.call("HeadObject", self.client.head_object, Bucket=self.bucket, Key=check_key(key))
+        return StoredObject(
+            size=head["ContentLength"], version=f"{head['ETag']}:{head['LastModified'].isoformat()}"
+        )
+
+    async def delete(self, key: str) -> None:
+        await self.call("DeleteObject", self.client.delete_object, Bucket=self.bucket, Key=check_key(key))
+
+    async def presigned_url(self, key: str, *, ttl_s: int, filename: str) -> str | None:
+        params = {
+            "Bucket": self.bucket,
+            "Key": check_key(key),
+            "ResponseContentType": "application/gzip",
+            "ResponseContentDisposition": f'attachment; filename="{filename}"',
+        }
+        # Signing is local, but resolving credentials may read files or the instance metadata service.
+        return await self.call(
+            "presign",
+            self.client.generate_presigned_url,
+            ClientMethod="get_object",
+            Params=params,
+            ExpiresIn=ttl_s,
+        )
+
+
+def make_client(options: S3Options) -> S3Client:
+    """A thread-safe boto3 S3 client for the options (blocking: loads botocore's data files)."""
+    config = Config(
+        signature_version="s3v4",  # SSE-KMS and presigned URLs need SigV4
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        max_pool_connections=MAX_POOL_CONNECTIONS,
+        # MinIO and most self-hosted S3 APIs serve buckets by path, not by virtual host.
+        s3={"addressing_style": "path" if options.endpoint_url else "auto"},
+    )
+    session = boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=options.endpoint_url,
+        region_name=options.region,
+        aws_access_key_id=options.access_key,
+        aws_secret_access_key=options.secret_key,
+        config=config,
+    )
+
+
+class _S3Upload(Upload):
+    def __init__(self, store: S3Store, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._part_bytes = store.options.part_bytes
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[CompletedPartTypeDef] = []
+        self._inflight: asyncio.Task[None] | None = None
+        self._next_part = 1
+        self._done = False
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._part_bytes:
+            part = bytes(self._buffer[: self._part_bytes])
+            del self._buffer[: self._part_bytes]
+            await self._send(part)
+
+    async def _send(self, part: bytes) -> None:
+        store = self._store
+        if self._upload_id is None:
+            created = await store.call(
+                "CreateMultipartUpload",
+                store.client.create_multipart_upload,
+                Bucket=store.bucket,
+                Key=self._key,
+                ContentType="application/gzip",
+                **store.sse_args(),
+            )
+            self._upload_id = created["UploadId"]
+        await self._wait_inflight()
+        number, self._next_part = self._next_part, self._next_part + 1
+        self._inflight = asyncio.create_task(self._upload_part(number, part))
+
+    async def _upload_part(self, number: int, part: bytes) -> None:
+        store = self._store
+        assert self._upload_id is not None
+        result = await store.call(
+            "UploadPart",
+            store.client.upload_part,
+            Bucket=store.bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=part,
+        )
+        self._parts.append({"PartNumber": number, "ETag": result["ETag"]})
+
+    async def _wait_inflight(self) -> None:
+        if self._inflight is not None:
+            task, self._inflight = self._inflight, None
+            await task
+
+    async def commit(self) -> None:
+        store = self._store
+        try:
+            if self._upload_id is None:
+                await store.call(
+                    "PutObject",
+                    store.client.put_object,
+                    Bucket=store.bucket,
+                    Key=self._key,
+                    Body=bytes(self._buffer),
+                    ContentType="application/gzip",
+                    **store.sse_args(),
+                )
+            else:
+                if self._buffer:
+                    await self._send(bytes(self._buffer))
+                await self._wait_inflight()
+                parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+                await store.call(
+                    "CompleteMultipartUpload",
+                    store.client.complete_multipart_upload,
+                    Bucket=store.bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException:
+            await self.abort()
+            raise
+        self._buffer.clear()
+        self._done = True
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._buffer.clear()
+        if self._inflight is not None:
+            # A part still uploading would outlive the abort; wait for it, its outcome no longer matters.
+            task, self._inflight = self._inflight, None
+            await asyncio.wait([task])
+            if not task.cancelled() and (error := task.exception()) is not None:
+                log.info("in-flight part failed while aborting", key=self._key, error=str(error))
+        if self._upload_id is not None:
+            store = self._store
+            await store.call(
+                "AbortMultipartUpload",
+                store.client.abort_multipart_upload,
+                Bucket=store.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+            )
