@@ -14,11 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import FastAPI
 
 from kernex.api.app import create_app
+from kernex.api.auth import tokens
+from kernex.api.auth.schemas import Role
 from kernex.api.settings import ApiSettings
 from kernex.broker.pki import FleetPKI
 from kernex.protocol.keys import KeyType, build_csr, device_id_for, generate_private_key
 from kernex.storage.database import create_engine, session_factory
 from kernex.storage.models import ConnectionState, Device, Heartbeat
+from tests.fixtures.auth import add_user, bearer, login
 
 
 @pytest.fixture
@@ -30,6 +33,9 @@ async def api(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.As
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kernex.test") as client,
     ):
+        # The operator side needs credentials: a viewer may read everything these tests read.
+        await add_user(database_url, "viewer", Role.VIEWER)
+        client.headers.update(bearer(await login(client, "viewer")))
         yield client, app
 
 
@@ -210,9 +216,13 @@ async def test_database_outage_answers_503_not_500(tmp_path: Path) -> None:
     )
     FleetPKI.from_settings(settings).init()
     app = create_app(settings)
+    # A well-signed token: checking it needs the database (revocation), which is down.
+    token = tokens.issue(settings.resolved_jwt_secret(), user_id="u1", token_version=0, ttl_s=60).token
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kernex.test") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://kernex.test", headers=bearer(token)
+        ) as client,
     ):
         response = await client.get("/api/v1/devices")
         assert response.status_code == 503

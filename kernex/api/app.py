@@ -11,13 +11,19 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 import kernex
+from kernex.api.apitokens import routes as apitokens
+from kernex.api.audit import routes as audit
+from kernex.api.auth import routes as auth
 from kernex.api.broker_link import BrokerLink
 from kernex.api.devices import routes as devices
+from kernex.api.docs.routes import install_docs
 from kernex.api.errors import install_error_handlers
 from kernex.api.health import routes as health
 from kernex.api.middleware import install_middleware
+from kernex.api.ratelimit import RateLimits
 from kernex.api.settings import ApiSettings
 from kernex.api.state import AppState
+from kernex.api.users import routes as users
 from kernex.broker.exceptions import PKIError
 from kernex.broker.pki import API_IDENTITY, FleetPKI
 from kernex.kit.logs import get_logger
@@ -30,6 +36,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     """Build the API. Resources are created in the lifespan, not at import or build time."""
     settings = settings or ApiSettings()
     registry = CollectorRegistry()
+    limits = RateLimits(
+        per_minute=settings.rate_limit_per_minute, login_per_minute=settings.login_rate_limit_per_minute
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +61,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             broker=broker,
             registry=registry,
             jwt_secret=settings.resolved_jwt_secret(),
+            limits=limits,
         )
         broker_task = asyncio.create_task(broker.run(), name="broker-link")
         log.info("api started", database=engine.url.render_as_string(hide_password=True))
@@ -69,10 +79,18 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version=kernex.__version__,
         description="Fleet management and over-the-air updates for Linux edge devices.",
         lifespan=lifespan,
+        # FastAPI's own pages load Swagger UI and ReDoc from a CDN; Kernex runs offline (install_docs).
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
-    install_middleware(app, registry, settings.max_body_bytes)
+    install_middleware(app, registry, settings, limits)
+    install_docs(app)
     app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(users.router)
+    app.include_router(apitokens.router)
+    app.include_router(audit.router)
     app.include_router(devices.device_router)
     app.include_router(devices.router)
     return app

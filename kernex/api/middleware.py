@@ -1,4 +1,5 @@
-"""Request id, access metrics and body-size limits for every request."""
+"""What wraps every request: request id, client address, rate limit, body and content-type checks,
+security headers, CORS and access metrics."""
 
 from __future__ import annotations
 
@@ -10,46 +11,143 @@ from http import HTTPStatus
 
 import structlog
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from kernex.api.errors import error_response
+from kernex.api.clients import resolve_client_address
+from kernex.api.errors import RateLimitedError, error_response
+from kernex.api.ratelimit import RateLimits
+from kernex.api.settings import ApiSettings
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A caller-supplied id is echoed only if it looks like an id, never arbitrary text in our logs.
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Probes and scrapes come every few seconds from the orchestrator and Prometheus: never rate limited.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# JSON for the API, multipart and raw archives for bundle uploads; anything else (text/plain,
+# which browsers send cross-site without a preflight) is refused with 415.
+ACCEPTED_CONTENT_TYPES = frozenset(
+    {
+        "application/json",
+        "multipart/form-data",
+        "application/octet-stream",
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-tar",
+    }
+)
+HSTS_MAX_AGE_S = 365 * 24 * 3600  # a year: the browser preload list's minimum
+# The API serves JSON only: nothing may load, run or frame it.
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+# /docs runs Swagger UI from our own origin (never a CDN): scripts and styles from 'self';
+# Swagger UI sets inline styles and shows data: images.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+DOCS_PREFIX = "/docs"
+CORS_MAX_AGE_S = 600  # browsers cache a preflight answer for this long
 
 
-def install_middleware(app: FastAPI, registry: CollectorRegistry, max_body_bytes: int) -> None:
-    """Wrap every request: bind a request id, count it, refuse oversized bodies early."""
+def _content_type_ok(value: str | None) -> bool:
+    media = (value or "").split(";", 1)[0].strip().lower()
+    return media in ACCEPTED_CONTENT_TYPES or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return (length is not None and length != "0") or "transfer-encoding" in request.headers
+
+
+def _security_headers(response: Response, request: Request, *, https: bool) -> None:
+    headers = response.headers
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["X-Frame-Options"] = "DENY"
+    headers["Referrer-Policy"] = "no-referrer"
+    headers["Cross-Origin-Opener-Policy"] = "same-origin"
+    headers.setdefault(
+        "Content-Security-Policy", DOCS_CSP if request.url.path.startswith(DOCS_PREFIX) else API_CSP
+    )
+    if request.url.path.startswith("/api/"):
+        # Responses may carry tokens (RFC 6749 §5.1) or fleet data: no shared or disk caches.
+        headers.setdefault("Cache-Control", "no-store")
+    if https:
+        headers["Strict-Transport-Security"] = f"max-age={HSTS_MAX_AGE_S}; includeSubDomains"
+
+
+def install_middleware(
+    app: FastAPI, registry: CollectorRegistry, settings: ApiSettings, limits: RateLimits
+) -> None:
+    """Wrap every request: bind a request id, limit, check, count and harden the response."""
     requests = Counter(
         "kernex_api_requests_total", "API requests", ["method", "route", "status"], registry=registry
     )
     latency = Histogram(
         "kernex_api_request_seconds", "API request latency", ["method", "route"], registry=registry
     )
+    max_body_bytes = settings.max_body_bytes
+    # Added first so it sits inside the middleware below: preflight answers get ids and headers too.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+        expose_headers=[REQUEST_ID_HEADER, "Retry-After"],
+        # Bearer tokens travel in a header, never in cookies: no credentialed CORS needed.
+        allow_credentials=False,
+        max_age=CORS_MAX_AGE_S,
+    )
+
+    def _refusal(request: Request) -> Response | None:
+        if request.url.path not in UNLIMITED_PATHS:
+            try:
+                limits.check_request(request.state.client_address)
+            except RateLimitedError as exc:
+                response = error_response(request, exc.status_code, exc.code, str(exc))
+                response.headers.update(exc.headers)
+                return response
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return error_response(
+                request,
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "body_too_large",
+                f"request body over {max_body_bytes} bytes",
+            )
+        if (
+            request.method in BODY_METHODS
+            and _has_body(request)
+            and not _content_type_ok(request.headers.get("content-type"))
+        ):
+            return error_response(
+                request,
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+            )
+        return None
 
     @app.middleware("http")
     async def per_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         supplied = request.headers.get(REQUEST_ID_HEADER, "")
         request_id = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
         request.state.request_id = request_id
+        address = resolve_client_address(request, trust_forwarded_for=settings.trust_forwarded_for)
+        request.state.client_address = address
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        structlog.contextvars.bind_contextvars(request_id=request_id, client=address)
         started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            response: Response = error_response(
-                request,
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                "body_too_large",
-                f"request body over {max_body_bytes} bytes",
-            )
-        else:
-            response = await call_next(request)
+        refusal = _refusal(request)
+        response = refusal if refusal is not None else await call_next(request)
         route = request.scope.get("route")
         # The route template, not the path, keeps label cardinality bounded.
         label = getattr(route, "path", "unmatched")
         requests.labels(request.method, label, str(response.status_code)).inc()
         latency.labels(request.method, label).observe(time.perf_counter() - started)
         response.headers[REQUEST_ID_HEADER] = request_id
+        scheme = request.url.scheme
+        if settings.trust_forwarded_for:
+            scheme = request.headers.get("x-forwarded-proto", scheme).split(",")[-1].strip()
+        _security_headers(response, request, https=scheme == "https")
         return response

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from kernex.api.broker_link import BrokerLink
+from kernex.api.ratelimit import RateLimits
 from kernex.api.settings import ApiSettings
 from kernex.broker.pki import FleetPKI
 
@@ -25,3 +26,4 @@ class AppState:
     registry: CollectorRegistry
     # Resolved once at start: in development it is read from (or generated into) the data dir.
     jwt_secret: str
+    limits: RateLimits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kernex.cli import agent, broker, server
+from kernex.cli import agent, broker, server, users
 
 app = typer.Typer(
     name="kernex",
@@ -17,6 +17,7 @@ app.command("simulate", help="Run N simulated devices (real keys, real mTLS) in 
 app.add_typer(broker.pki_app, name="pki", help="Manage the fleet PKI.")
 app.add_typer(broker.broker_app, name="broker", help="Render and run the Mosquitto broker.")
 server.register(app)
+users.register(app)
 
 
 def main() -> None:

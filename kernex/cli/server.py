@@ -111,6 +111,7 @@ def up(
         from kernex.broker.config import render  # noqa: PLC0415 - server extra
         from kernex.broker.pki import FleetPKI  # noqa: PLC0415 - server extra
         from kernex.broker.process import MosquittoProcess  # noqa: PLC0415 - server extra
+        from kernex.cli.users import first_run_admin  # noqa: PLC0415 - server extra
         from kernex.storage.migrate import upgrade  # noqa: PLC0415 - server extra
     except ImportError as exc:
         raise _server_missing(exc) from None
@@ -130,6 +131,10 @@ def up(
         pki = FleetPKI.from_settings(settings)
         pki.init()
         upgrade(settings.resolved_database_url)
+        # First run: an admin with a generated password, printed here once (stdout, never the log).
+        password = first_run_admin(settings.resolved_database_url)
+        if password is not None:
+            typer.echo(f"Kernex: first admin created: username admin, password {password} (shown once)")
         broker = MosquittoProcess.for_rendered(
             render(settings, pki, data_dir / "broker", port=mqtt_port), pki
         )

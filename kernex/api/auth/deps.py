@@ -25,10 +25,10 @@ from kernex.api.errors import ForbiddenError, UnauthorizedError
 __all__ = [
     "AccessClaimsDep",
     "AdminDep",
+    "AdminOrBootstrapDep",
     "DeviceDep",
     "OperatorDep",
     "Principal",
-    "PrincipalDep",
     "Role",
     "ViewerDep",
 ]
@@ -115,6 +115,21 @@ async def require_admin(authenticated: _AuthenticatedDep, request: Request, sess
     return await _require(Role.ADMIN, authenticated, request, session)
 
 
+async def require_admin_unless_bootstrap(
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_operator_bearer)],
+) -> Principal | None:
+    """None while no admin exists (the first account may be created in development); an admin after."""
+    if await service.count_admins(session) == 0:
+        if state.settings.is_production:
+            raise ForbiddenError("no admin exists: create the first one with `kernex users create-admin`")
+        return None
+    authenticated = await _authenticate(request, session, state, credentials)
+    return await _require(Role.ADMIN, authenticated, request, session)
+
+
 async def access_claims(authenticated: _AuthenticatedDep) -> AccessClaims:
     """The caller's access-token claims; API tokens have none (they are revoked by id, not logged out)."""
     claims = authenticated[1]
@@ -136,8 +151,9 @@ async def require_device(
     return device_id
 
 
-PrincipalDep = ViewerDep = Annotated[Principal, Depends(require_viewer)]
+ViewerDep = Annotated[Principal, Depends(require_viewer)]
 OperatorDep = Annotated[Principal, Depends(require_operator)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
 AccessClaimsDep = Annotated[AccessClaims, Depends(access_claims)]
 DeviceDep = Annotated[str, Depends(require_device)]
+AdminOrBootstrapDep = Annotated[Principal | None, Depends(require_admin_unless_bootstrap)]

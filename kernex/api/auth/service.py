@@ -150,6 +150,14 @@ async def revoke_all_sessions(session: AsyncSession, user: User) -> None:
     await session.commit()
 
 
+async def revoke_all_sessions_of(session: AsyncSession, user_id: str) -> None:
+    """revoke_all_sessions by user id."""
+    user = await session.get(User, user_id)
+    if user is None:
+        raise UnauthorizedError("the token's user no longer exists")
+    await revoke_all_sessions(session, user)
+
+
 async def change_password(session: AsyncSession, user_id: str, *, current: str, new: str) -> None:
     """Replace the password after checking the current one; signs the user out everywhere."""
     user = await session.get(User, user_id)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Depends, Query, Response, status
+from pydantic import AwareDatetime
 
+from kernex.api.auth.deps import require_viewer
 from kernex.api.deps import PKIDep, SessionDep, SettingsDep
 from kernex.api.devices import service
 from kernex.api.devices.schemas import DeviceDetail, DevicePage, FleetStats, HeartbeatOut, HeartbeatPage
@@ -17,8 +18,8 @@ PAGE_MAX = 500  # bounds one response's size and query cost
 
 # Devices call this; the CSR's signature is their proof of possession.
 device_router = APIRouter(prefix="/api/v1/devices", tags=["devices (device-facing)"])
-# Operator routes: operator authentication attaches here as a router dependency.
-router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+# Operator routes: any authenticated operator-side caller (viewer and up) may read the fleet.
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"], dependencies=[Depends(require_viewer)])
 
 
 @device_router.post(
@@ -70,7 +71,7 @@ async def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
 async def list_heartbeats(
     device_id: str,
     session: SessionDep,
-    since: datetime | None = None,
+    since: AwareDatetime | None = None,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 100,
 ) -> HeartbeatPage:
     """A device's heartbeats, newest first."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import hmac
+
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kernex.api.deps import StateDep
+from kernex.api.errors import UnauthorizedError
 from kernex.storage.database import ping
 from kernex.storage.exceptions import DatabaseUnavailableError
 
@@ -36,6 +39,15 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 
 @router.get("/metrics", operation_id="metrics", include_in_schema=False)
-async def metrics(state: StateDep) -> Response:
-    """Prometheus exposition of the API's metrics."""
+async def metrics(state: StateDep, request: Request) -> Response:
+    """Prometheus exposition of the API's metrics.
+
+    Open by default, like every Prometheus target: counts and latencies by route, no fleet data.
+    With KERNEX_METRICS_TOKEN set it needs that bearer token (Prometheus `authorization`).
+    """
+    expected = state.settings.metrics_token
+    if expected is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected.get_secret_value()}".encode()):
+            raise UnauthorizedError("metrics need the metrics token", token_given=bool(given))
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
