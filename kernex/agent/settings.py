@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,10 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 60.0  # DESIGN.md: a heartbeat a minute per devic
 MIN_HEARTBEAT_INTERVAL_S = 1.0  # faster than this floods the broker for no operational gain
 DEFAULT_BUFFER_SIZE = 1000  # ~16 hours of heartbeats at the default interval
 DEFAULT_API_TIMEOUT_S = 30.0  # registration may sign a certificate; generous for slow links
+# A bundle download must fit the device's staging storage; raise it for full-image bundles.
+DEFAULT_MAX_BUNDLE_BYTES = 1024**3
+# Decompression-bomb cap on a bundle's unpacked files, whatever the archive's size.
+DEFAULT_MAX_UNPACKED_BYTES = 4 * 1024**3
 
 
 class AgentSettings(BaseSettings):
@@ -34,6 +39,12 @@ class AgentSettings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat = "console"
     api_timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_API_TIMEOUT_S
+    max_bundle_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_BUNDLE_BYTES
+    max_unpacked_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_UNPACKED_BYTES
+    # Bundles list the device types they fit (manifest.device_types); "*" fits every device.
+    device_type: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        default_factory=lambda: platform.machine() or "unknown"
+    )
 
     @field_validator("api_url")
     @classmethod
