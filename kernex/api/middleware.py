@@ -25,6 +25,10 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Probes and scrapes come every few seconds from the orchestrator and Prometheus: never rate limited.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Bundle uploads stream to the bundle store and hold KERNEX_MAX_BUNDLE_BYTES themselves; this
+# early refusal only has to leave room for the multipart framing and the signature field.
+STREAMED_UPLOADS = frozenset({("POST", "/api/v1/bundles")})
+UPLOAD_FRAMING_BYTES = 64 * 1024
 # JSON for the API, multipart and raw archives for bundle uploads; anything else (text/plain,
 # which browsers send cross-site without a preflight) is refused with 415.
 ACCEPTED_CONTENT_TYPES = frozenset(
@@ -87,6 +91,7 @@ def install_middleware(
         "kernex_api_request_seconds", "API request latency", ["method", "route"], registry=registry
     )
     max_body_bytes = settings.max_body_bytes
+    max_upload_bytes = settings.max_bundle_bytes + UPLOAD_FRAMING_BYTES
     # Added first so it sits inside the middleware below: preflight answers get ids and headers too.
     app.add_middleware(
         CORSMiddleware,
@@ -108,12 +113,13 @@ def install_middleware(
                 response.headers.update(exc.headers)
                 return response
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        limit = max_upload_bytes if (request.method, request.url.path) in STREAMED_UPLOADS else max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
             return error_response(
                 request,
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 "body_too_large",
-                f"request body over {max_body_bytes} bytes",
+                f"request body over {limit} bytes",
             )
         if (
             request.method in BODY_METHODS

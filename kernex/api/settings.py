@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
 from kernex.broker.secrets import development_secret
 from kernex.broker.settings import BrokerSettings
-from kernex.storage.settings import StorageSettings
+from kernex.storage.settings import BundleStoreSettings, StorageSettings
 
 API_PORT = 8000  # the conventional local development port for HTTP APIs
 DEVICE_CERT_VALIDITY_DAYS = 30  # short-lived: a lost device's certificate dies within a month
@@ -35,7 +36,7 @@ class AdmissionPolicy(StrEnum):
     AUTO = "auto"
 
 
-class ApiSettings(StorageSettings, BrokerSettings):
+class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     """Everything the API process reads from `KERNEX_*` environment variables."""
 
     api_host: str = "127.0.0.1"
@@ -44,6 +45,9 @@ class ApiSettings(StorageSettings, BrokerSettings):
     device_cert_validity_days: int = Field(default=DEVICE_CERT_VALIDITY_DAYS, ge=1, le=397)
     # Bodies above this are refused with 413 before they are read (bundle uploads have their own).
     max_body_bytes: int = 1024 * 1024
+    # PEM files of ECDSA P-256 public keys whose offline release signatures (`kernex bundle sign`)
+    # uploads may carry; devices are told to trust them (and the server's own release key).
+    trusted_release_keys: list[Path] = Field(default_factory=list)
     # Signs operator access tokens (HS256). Generated into the data dir in development only.
     jwt_secret: SecretStr | None = None
     access_token_ttl_s: int = Field(default=ACCESS_TOKEN_TTL_S, ge=60, le=24 * 3600)

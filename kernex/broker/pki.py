@@ -6,11 +6,14 @@ Layout of the PKI directory (0700; every file 0600, written atomically):
     broker.crt, broker.key      Mosquitto's server certificate (SAN: the broker's host names)
     services/<name>.crt|.key    client certificates of kernex-ingest, kernex-api and integrators
     command-signing.key         control-plane key that signs commands; encrypted with the passphrase
+    release-signing.key         release key that signs bundle manifests; encrypted with the passphrase
 
 Mosquitto and paho read the TLS keys from files and cannot decrypt them, so those stay
-unencrypted and rely on their mode. The CA key and the command-signing key are only ever read
-by Kernex itself, so they are encrypted at rest: a copied data directory alone cannot mint
-device certificates or command the fleet.
+unencrypted and rely on their mode. The CA key, the command-signing key and the release key are
+only ever read by Kernex itself, so they are encrypted at rest: a copied data directory alone
+cannot mint device certificates, command the fleet or vouch for a bundle. The release key is a
+key of its own (not the JWT secret, not the command key): leaking an operator-token secret must
+not let anyone sign software the fleet will install.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from kernex.protocol.keys import (
     public_key_fingerprint,
     public_key_to_pem,
 )
+from kernex.protocol.release import release_key_id
 
 INGEST_IDENTITY = "kernex-ingest"
 API_IDENTITY = "kernex-api"
@@ -105,6 +109,7 @@ class FleetPKI:
         self._passphrase = passphrase
         self._ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
         self._command_key: PrivateKey | None = None
+        self._release_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
     def from_settings(cls, settings: BrokerSettings) -> FleetPKI:
@@ -151,6 +156,11 @@ class FleetPKI:
         return self.directory / "command-signing.key"
 
     @property
+    def release_key_path(self) -> Path:
+        """The release key that signs bundle manifests, encrypted with the passphrase."""
+        return self.directory / "release-signing.key"
+
+    @property
     def services_dir(self) -> Path:
         """Where service and integrator client certificates live by default."""
         return self.directory / "services"
@@ -174,6 +184,7 @@ class FleetPKI:
             self.broker_cert_path,
             self.broker_key_path,
             self.command_key_path,
+            self.release_key_path,
         ]
         for name in SERVICE_IDENTITIES:
             paths += [self.service_cert_path(name), self.service_key_path(name)]
@@ -217,10 +228,10 @@ class FleetPKI:
                         name, cert_path, key_path, SERVICE_CERT_VALIDITY, ExtendedKeyUsageOID.CLIENT_AUTH
                     )
                     created = True
-            if not self.command_key_path.exists():
-                key = ec.generate_private_key(ec.SECP256R1())
-                atomic_write(self.command_key_path, self._encrypt(key))
-                created = True
+            for path in (self.command_key_path, self.release_key_path):
+                if not path.exists():
+                    atomic_write(path, self._encrypt(ec.generate_private_key(ec.SECP256R1())))
+                    created = True
         return created
 
     # --- issuing ---------------------------------------------------------------------------
@@ -296,6 +307,19 @@ class FleetPKI:
     def command_public_key_pem(self) -> str:
         """The command-signing public key, as registration hands it to devices to pin."""
         return public_key_to_pem(self.command_public_key)
+
+    # --- release signing -------------------------------------------------------------------
+
+    def release_signing_key(self) -> ec.EllipticCurvePrivateKey:
+        """The ECDSA P-256 key that signs bundle releases (devices pin its public key)."""
+        if self._release_key is None:
+            self._release_key = self._load_encrypted(self.release_key_path, "release key")
+        return self._release_key
+
+    @property
+    def release_key_id(self) -> str:
+        """The JWS `kid` of release signatures: "rel-" and 64 bits of the key's SPKI SHA-256."""
+        return release_key_id(self.release_signing_key().public_key())
 
     # --- TLS ---------------------------------------------------------------------------------
 

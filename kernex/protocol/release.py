@@ -16,9 +16,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kernex.protocol import jws
 from kernex.protocol.exceptions import SignatureError
-from kernex.protocol.keys import PrivateKey, PublicKey
+from kernex.protocol.keys import PrivateKey, PublicKey, public_key_fingerprint
 
 TYP_RELEASE = "kernex-release+jws"
+RELEASE_KEY_ID_PREFIX = "rel-"
+RELEASE_KEY_ID_HEX_CHARS = 16  # 64 bits of SPKI SHA-256: unique among the few keys a device pins
+
+
+def release_key_id(public_key: PublicKey) -> str:
+    """The kid of a release key: "rel-" and 16 hex characters of its SPKI SHA-256."""
+    return RELEASE_KEY_ID_PREFIX + public_key_fingerprint(public_key)[:RELEASE_KEY_ID_HEX_CHARS]
 
 
 class ReleaseClaims(BaseModel):
