@@ -15,6 +15,7 @@ from kernex.api.apitokens import routes as apitokens
 from kernex.api.audit import routes as audit
 from kernex.api.auth import routes as auth
 from kernex.api.broker_link import BrokerLink
+from kernex.api.bundles import routes as bundles
 from kernex.api.devices import routes as devices
 from kernex.api.docs.routes import install_docs
 from kernex.api.errors import install_error_handlers
@@ -93,4 +94,5 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(devices.device_router)
     app.include_router(devices.router)
+    app.include_router(bundles.router)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kernex.cli import agent, broker, server, users
+from kernex.cli import agent, broker, bundle, server, users
 
 app = typer.Typer(
     name="kernex",
@@ -16,6 +16,7 @@ app.add_typer(agent.app, name="agent", help="Run the device agent.")
 app.command("simulate", help="Run N simulated devices (real keys, real mTLS) in one process.")(agent.simulate)
 app.add_typer(broker.pki_app, name="pki", help="Manage the fleet PKI.")
 app.add_typer(broker.broker_app, name="broker", help="Render and run the Mosquitto broker.")
+app.add_typer(bundle.app, name="bundle", help="Build, sign and upload update bundles.")
 server.register(app)
 users.register(app)
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from pydantic import AwareDatetime
 
 from kernex.api.auth.deps import require_viewer
+from kernex.api.bundles.runtime import KeyringDep
 from kernex.api.deps import PKIDep, SessionDep, SettingsDep
 from kernex.api.devices import service
 from kernex.api.devices.schemas import DeviceDetail, DevicePage, FleetStats, HeartbeatOut, HeartbeatPage
@@ -30,10 +31,17 @@ router = APIRouter(prefix="/api/v1/devices", tags=["devices"], dependencies=[Dep
     responses={200: {"model": RegistrationResponse, "description": "The key was already registered"}},
 )
 async def register_device(
-    body: RegistrationRequest, response: Response, session: SessionDep, pki: PKIDep, settings: SettingsDep
+    body: RegistrationRequest,
+    response: Response,
+    session: SessionDep,
+    pki: PKIDep,
+    settings: SettingsDep,
+    release_keys: KeyringDep,
 ) -> RegistrationResponse:
     """Register a device by CSR: 201 the first time, 200 for a key already registered."""
-    result, created = await service.register(session, pki, settings, body)
+    result, created = await service.register(
+        session, pki, settings, body, release_keys=release_keys.public_keys()
+    )
     if not created:
         response.status_code = status.HTTP_200_OK
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -30,9 +31,17 @@ ACTIVE_DEPLOYMENT_STATUSES = ("pending", "in_progress")
 
 
 async def register(
-    session: AsyncSession, pki: FleetPKI, settings: ApiSettings, request: RegistrationRequest
+    session: AsyncSession,
+    pki: FleetPKI,
+    settings: ApiSettings,
+    request: RegistrationRequest,
+    *,
+    release_keys: Sequence[CommandKey] = (),
 ) -> tuple[RegistrationResponse, bool]:
-    """Register (or re-register) the key in the CSR; returns the response and whether it is new."""
+    """Register (or re-register) the key in the CSR; returns the response and whether it is new.
+
+    release_keys are the keys whose release signatures the device is to accept on bundles.
+    """
     csr, public_key = load_csr(request.csr)
     device_id = device_id_for(public_key)
     device = await session.get(Device, device_id)
@@ -71,7 +80,7 @@ async def register(
     except sa.exc.IntegrityError:
         # The same key registered concurrently: the other request created it; answer as a re-registration.
         await session.rollback()
-        return await register(session, pki, settings, request)
+        return await register(session, pki, settings, request, release_keys=release_keys)
     log.info("device registered" if created else "device re-registered", device_id=device_id)
     response = RegistrationResponse(
         device_id=device_id,
@@ -86,6 +95,7 @@ async def register(
         command_keys=[
             CommandKey(kid=pki.command_key_id, alg="ES256", public_key_pem=pki.command_public_key_pem)
         ],
+        release_keys=list(release_keys),
     )
     return response, created
 

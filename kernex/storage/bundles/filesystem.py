@@ -11,7 +11,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Protocol
 
@@ -73,7 +73,7 @@ class FilesystemStore(BundleStore):
             await upload.write_raw(encryptor.header)
         return upload
 
-    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         path = self.path_of(key)
         handle, reader = await asyncio.to_thread(self._open_reader, path, key, start, end)
         try:

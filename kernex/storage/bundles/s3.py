@@ -9,7 +9,7 @@ any failure aborts the multipart upload so no parts linger (and are billed) in t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -103,7 +103,7 @@ class S3Store(BundleStore):
     async def begin(self, key: str) -> Upload:
         return _S3Upload(self, check_key(key))
 
-    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         if end is not None and end <= start:
             return
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import ClassVar
@@ -88,7 +88,7 @@ class BundleStore(abc.ABC):
         await upload.commit()
 
     @abc.abstractmethod
-    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """The bytes [start, end) of the object (end None: to its end), in chunks."""
 
     @abc.abstractmethod

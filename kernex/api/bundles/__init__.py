@@ -1,0 +1,1 @@
+"""Bundles: streamed, validated and signed uploads; authorized, resumable, integrity-checked downloads."""
