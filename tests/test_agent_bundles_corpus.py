@@ -181,6 +181,18 @@ def _bomb(declared: int) -> Bundle:
     return Bundle(archive, manifest_data, version="2.0.0")
 
 
+def pax_header_bomb() -> Bundle:
+    """A PAX extended header announcing 10 GiB: tarfile would read it whole into memory."""
+    manifest_data = manifest_bytes("2.0.0", {"install.sh": sh(INSTALL_SH)}, executable=["install.sh"])
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type = tarfile.XHDTYPE
+    pax.size = BOMB_BYTES
+    header = pax.tobuf(tarfile.GNU_FORMAT)  # base-256 size: ustar cannot say 10 GiB
+    prefix = tar_prefix([reg("manifest.json", manifest_data), reg("install.sh", sh(INSTALL_SH), 0o755)])
+    archive = gzip_of_zeros_after(prefix + header, BOMB_BYTES)
+    return Bundle(archive, manifest_data, version="2.0.0")
+
+
 def bomb_declared() -> Bundle:
     return _bomb(BOMB_BYTES)
 
@@ -209,6 +221,10 @@ CORPUS: dict[str, tuple[Callable[[], Bundle], str]] = {
     "10 GiB bomb, manifest understates": (
         bomb_understated,
         r"member 'payload\.bin' is 10737418240 bytes, the manifest says 1024",
+    ),
+    "10 GiB PAX header bomb": (
+        pax_header_bomb,
+        r"a 10737418240-byte tar metadata header \(PAX or GNU long name\)",
     ),
     "100k members": (hundred_thousand_members, r"more than 10001 members .* too many members"),
     "file hash mismatch": (

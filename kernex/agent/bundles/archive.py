@@ -41,6 +41,18 @@ FILE_MODE = 0o644
 EXECUTABLE_MODE = 0o755
 DIR_MODE = 0o755
 SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+# PAX and GNU long-name members carry names and attributes: kilobytes. tarfile reads them whole
+# into memory before any check of ours could run, so their size is checked as the header is read.
+METADATA_MAX_BYTES = 1024 * 1024
+_METADATA_TYPES = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
 # Everything a damaged or truncated gzip/tar stream can raise while it is read.
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 # The data filter exists from 3.11.4 on (PEP 706); our own checks stand alone without it.
@@ -70,7 +82,7 @@ class BundleArchive:
     def __init__(self, path: Path) -> None:
         try:
             # Stream mode: members are read strictly in order, data inflated only as it is read.
-            self._tar = tarfile.open(path, mode="r|gz")  # noqa: SIM115 - closed by close()/__exit__
+            self._tar = tarfile.open(path, mode="r|gz", tarinfo=_GuardedTarInfo)  # noqa: SIM115 - closed by close()
         except _READ_ERRORS as exc:
             raise refused(f"the archive is not a readable .tar.gz ({_reason(exc)})") from None
         self._manifest_read = False
@@ -205,6 +217,19 @@ class BundleArchive:
             raise refused(f"the archive is truncated (member {member.name!r})")
         if digest.hexdigest() != sha256:
             raise refused(f"the content of {member.name!r} does not match its sha256 in the manifest")
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an oversized metadata member before tarfile reads it into memory."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        # The hook tarfile calls for each header it reads (private, but the same from 3.8 to 3.13).
+        if self.type in _METADATA_TYPES and self.size > METADATA_MAX_BYTES:
+            raise refused(
+                f"a {self.size}-byte tar metadata header (PAX or GNU long name): decompression bomb?"
+            )
+        member: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]  # private: not in typeshed
+        return member
 
 
 def _checked_name(member: tarfile.TarInfo) -> str:

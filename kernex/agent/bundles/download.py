@@ -165,7 +165,7 @@ class Downloader:
             await asyncio.to_thread(part.unlink, missing_ok=True)
             raise _TransientError("HTTP 416: the partial download does not fit, starting over")
         if status not in {HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT}:
-            body = (await response.aread()).decode("utf-8", "replace").strip()[:ERROR_BODY_CHARS]
+            body = (await _error_body(response)).decode("utf-8", "replace").strip()[:ERROR_BODY_CHARS]
             raise DownloadError(f"download refused: HTTP {status}" + (f": {body}" if body else ""))
         announced = response.headers.get(SHA256_HEADER)
         if announced is not None and announced.lower() != sha256:
@@ -186,6 +186,16 @@ class Downloader:
         if length is not None and length.isdigit() and offset + int(length) > size:
             raise refused(f"the download is larger than the {size} bytes the command announced")
         return offset
+
+
+async def _error_body(response: httpx.Response) -> bytes:
+    """The start of an error body: enough to explain, never the whole of a hostile one."""
+    data = b""
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= ERROR_BODY_CHARS * 4:  # up to 4 bytes per UTF-8 character
+            break
+    return data
 
 
 def _range_start(value: str | None, size: int) -> int:

@@ -222,10 +222,14 @@ class BundleInstaller:
     async def apply(self, request: InstallRequest) -> InstallReport:
         """Install the requested bundle, or refuse it, or roll it back; the report says which."""
         async with self._lock:
-            installed = await asyncio.to_thread(self.paths.prepare)
-            if await self._recover(installed) is not None:
-                installed = await asyncio.to_thread(self.paths.read_installed)
             run = _Run(request.deployment_id, request.bundle_id, request.version, self._progress)
+            try:
+                installed = await asyncio.to_thread(self.paths.prepare)
+                if await self._recover(installed) is not None:
+                    installed = await asyncio.to_thread(self.paths.read_installed)
+            except BundleStorageError as exc:
+                # Without a readable record there is no safe way to switch or roll back anything.
+                return await run.finish(Outcome.FAILED, Installed(), error=exc)
             log.info("installing bundle", deployment_id=request.deployment_id, version=request.version)
             try:
                 if self._already_installed(request, installed.current):
