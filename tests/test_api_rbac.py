@@ -34,6 +34,7 @@ class Access(StrEnum):
     ADMIN = "admin"
     USER = "user"  # any user's access token, never an API token (logout, password)
     DEVICE = "device"  # only a device-signed JWT
+    DEVICE_OR_VIEWER = "device-or-viewer"  # a device JWT or any operator-side caller (downloads)
 
 
 EXPECTED: dict[tuple[str, str], Access] = {
@@ -64,6 +65,12 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("GET", "/api/v1/devices/stats"): Access.VIEWER,
     ("GET", "/api/v1/devices/{device_id}"): Access.VIEWER,
     ("GET", "/api/v1/devices/{device_id}/heartbeats"): Access.VIEWER,
+    ("POST", "/api/v1/bundles"): Access.OPERATOR,
+    ("GET", "/api/v1/bundles"): Access.VIEWER,
+    ("GET", "/api/v1/bundles/manifest-schema"): Access.VIEWER,
+    ("GET", "/api/v1/bundles/{bundle_id}"): Access.VIEWER,
+    ("DELETE", "/api/v1/bundles/{bundle_id}"): Access.OPERATOR,
+    ("GET", "/api/v1/bundles/{bundle_id}/download"): Access.DEVICE_OR_VIEWER,
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # Starlette adds HEAD to every GET; CORS answers OPTIONS
@@ -110,6 +117,8 @@ def expected_status(access: Access, caller: Caller) -> int | None:
         return None
     if access is Access.DEVICE:
         return None if caller.kind == "device" else 401
+    if access is Access.DEVICE_OR_VIEWER:
+        return 401 if caller.kind == "anonymous" else None
     if caller.kind in {"anonymous", "device"}:
         return 401
     assert caller.role is not None
@@ -199,6 +208,8 @@ async def test_rbac_matrix(sqlite_authed_api: AuthedApi) -> None:
         (Access.DEVICE, CALLERS[3], 401),
         (Access.VIEWER, CALLERS[6], 401),
         (Access.OPERATOR, CALLERS[2], None),
+        (Access.DEVICE_OR_VIEWER, CALLERS[0], 401),
+        (Access.DEVICE_OR_VIEWER, CALLERS[6], None),
     ],
 )
 def test_expected_status_follows_the_role_order(access: Access, caller: Caller, want: int | None) -> None:

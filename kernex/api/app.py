@@ -18,7 +18,7 @@ from kernex.api.broker_link import BrokerLink
 from kernex.api.bundles import routes as bundles
 from kernex.api.devices import routes as devices
 from kernex.api.docs.routes import install_docs
-from kernex.api.errors import install_error_handlers
+from kernex.api.errors import ERROR_RESPONSES, install_error_handlers
 from kernex.api.health import routes as health
 from kernex.api.middleware import install_middleware
 from kernex.api.ratelimit import RateLimits
@@ -88,11 +88,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_middleware(app, registry, settings, limits)
     install_docs(app)
     app.include_router(health.router)
-    app.include_router(auth.router)
-    app.include_router(users.router)
-    app.include_router(apitokens.router)
-    app.include_router(audit.router)
-    app.include_router(devices.device_router)
-    app.include_router(devices.router)
-    app.include_router(bundles.router)
+    for router in (
+        auth.router,
+        users.router,
+        apitokens.router,
+        audit.router,
+        devices.device_router,
+        devices.router,
+        bundles.router,
+    ):
+        # Every API route documents the error shape of each status it may answer with.
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app

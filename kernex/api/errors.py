@@ -13,6 +13,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kernex.protocol.exceptions import InvalidCSRError, InvalidKeyError, KernexError, ProtocolError
@@ -93,6 +94,46 @@ class ServiceUnavailableError(ApiError):
 
     status_code = HTTPStatus.SERVICE_UNAVAILABLE
     code = "unavailable"
+
+
+class ErrorLocation(BaseModel):
+    """One failed field of a validation error."""
+
+    loc: list[str]
+    msg: str
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, machine-readable (`code`) and for people (`message`)."""
+
+    code: str
+    message: str
+    request_id: str | None
+    details: list[ErrorLocation] | None = None
+
+
+class ErrorBody(BaseModel):
+    """The one error shape every non-2xx JSON response has."""
+
+    error: ErrorDetail
+
+
+def _described(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# Documented on every route, so clients (and schemathesis) know the error shape of each status.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    HTTPStatus.UNAUTHORIZED: _described("Missing, invalid, expired or revoked credentials"),
+    HTTPStatus.FORBIDDEN: _described("The caller's role or credential kind may not do this"),
+    HTTPStatus.NOT_FOUND: _described("No such resource"),
+    HTTPStatus.CONFLICT: _described("Conflicts with the current state"),
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: _described("Body over the size limit"),
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: _described("Body is not JSON (or an upload type)"),
+    HTTPStatus.UNPROCESSABLE_ENTITY: _described("The request does not match the schema"),
+    HTTPStatus.TOO_MANY_REQUESTS: _described("Rate limited: retry after the Retry-After header's seconds"),
+    HTTPStatus.SERVICE_UNAVAILABLE: _described("A dependency (database, broker) is down"),
+}
 
 
 def _status_and_code(exc: KernexError) -> tuple[int, str]:
