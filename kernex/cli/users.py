@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from kernex.kit import logs
 from kernex.protocol.exceptions import KernexError
 
 if TYPE_CHECKING:
@@ -45,9 +46,12 @@ def _settings() -> StorageSettings:
     from kernex.storage.settings import StorageSettings  # noqa: PLC0415 - server extra
 
     try:
-        return StorageSettings()
+        settings = StorageSettings()
     except ValueError as exc:
         raise _fail(f"invalid settings: {exc}") from None
+    # Log lines go to stderr, so stdout carries only what the command prints (a password, a token).
+    logs.configure(settings.log_level, settings.log_format_in_effect)
+    return settings
 
 
 def _run(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
