@@ -66,11 +66,12 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
-    """Regular files under root (not the manifest), sorted; links and special files refused."""
+def _walk_files(root: Path) -> list[Path]:
+    """Regular files under root (not the manifest), sorted by path; links and special files refused."""
+    found: list[Path] = []
     for directory, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames) + [d for d in dirnames if (Path(directory) / d).is_symlink()]:
+        # os.walk lists a symlink to a directory among dirnames and never enters it: refuse it too.
+        for name in filenames + [d for d in dirnames if (Path(directory) / d).is_symlink()]:
             path = Path(directory) / name
             relative = path.relative_to(root).as_posix()
             if relative == MANIFEST_NAME:
@@ -80,7 +81,8 @@ def _walk_files(root: Path) -> Iterator[Path]:
                 raise BundleCliError(f"{relative} is a symbolic link: bundles hold only regular files")
             if not stat.S_ISREG(mode):
                 raise BundleCliError(f"{relative} is not a regular file")
-            yield path
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _file_entry(root: Path, path: Path, given: dict[str, Any] | None) -> dict[str, Any]:

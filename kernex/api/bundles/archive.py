@@ -130,6 +130,8 @@ class ArchiveInspector:
     def abort(self) -> None:
         """Stop the inspector (the upload failed elsewhere); idempotent."""
         self._aborted.set()
+        if self._result.done() and not self._result.cancelled():
+            self._result.exception()  # the upload's own error is what propagates; mark this one read
 
     def _raise_if_failed(self) -> None:
         if self._result.done():
@@ -141,7 +143,10 @@ class ArchiveInspector:
     def _settle(self, report: ArchiveReport | None, error: BaseException | None) -> None:
         if self._result.done():
             return
-        if error is not None:
+        if self._aborted.is_set():
+            # Nobody awaits an abandoned upload's verdict: cancel rather than leave an unread error.
+            self._result.cancel()
+        elif error is not None:
             self._result.set_exception(error)
         else:
             assert report is not None
@@ -153,7 +158,7 @@ class ArchiveInspector:
             manifest, manifest_sha256 = self._inspect(reader)
             reader.drain()
         except _Aborted:
-            self._loop.call_soon_threadsafe(self._settle, None, BundleFormatError("upload abandoned"))
+            self._loop.call_soon_threadsafe(self._settle, None, None)
             return
         except BundleFormatError as exc:
             self._fail_and_drain(reader, exc)
