@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import httpx
@@ -197,17 +199,21 @@ class Agent:
         backoff = self._reconnect_backoff
         while True:
             started = loop.time()
-            error: Exception | None = None
             try:
                 await self._session(self._client(identity, topics, registration), identity, topics)
-            except* aiomqtt.MqttError as group:
-                error = group.exceptions[0]
+            except aiomqtt.MqttError as exc:
+                # Leaving a cancelled session, aiomqtt's disconnect can fail (broker gone, DISCONNECT
+                # timed out): that error must not hide the cancellation, or the agent reconnects.
+                _raise_if_cancelled()
+                reason = str(exc)
+            else:
+                reason = "connection closed"
             if loop.time() - started >= STABLE_CONNECTION_S:
                 backoff.reset()
             delay = backoff.next_delay()
             log.warning(
-                "broker connection failed, reconnecting",
-                error=str(error),
+                "broker connection lost, reconnecting",
+                error=reason,
                 retry_in_s=round(delay, 2),
                 buffered=len(self._outbox),
             )
@@ -242,6 +248,7 @@ class Agent:
     async def _session(self, client: aiomqtt.Client, identity: Identity, topics: Topics) -> None:
         status_topic = topics.status(identity.device_id)
         async with client:
+            _raise_if_cancelled()
             self._connected = True
             self._connects += 1
             log.info("connected to broker", buffered=len(self._outbox))
@@ -249,11 +256,12 @@ class Agent:
                 await client.publish(
                     status_topic, status_payload(ConnectionStatus.ONLINE), qos=QOS_AT_LEAST_ONCE, retain=True
                 )
+                _raise_if_cancelled()
                 # Commands are retained: subscribing on every connect delivers the latest of each kind.
                 await client.subscribe(topics.commands_filter(identity.device_id), qos=QOS_AT_LEAST_ONCE)
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._drain_outbox(client), name="publisher")
-                    tasks.create_task(self._receive(client, topics), name="receiver")
+                _raise_if_cancelled()
+                # Both run until the connection drops, which ends them with MqttError.
+                await _until_first_exits(self._drain_outbox(client), self._receive(client, topics))
             except asyncio.CancelledError:
                 self._connected = False
                 await self._say_offline(client, status_topic)
@@ -286,6 +294,7 @@ class Agent:
                 self._outbox.put_back(message)
                 raise
             self._published += 1
+            _raise_if_cancelled()
 
     async def _receive(self, client: aiomqtt.Client, topics: Topics) -> None:
         # Ends by raising MqttError when the connection drops, which ends the session.
@@ -309,3 +318,35 @@ class Agent:
             retained=message.retain,
             size=len(payload) if isinstance(payload, bytes | bytearray | str) else None,
         )
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that Python 3.11's `asyncio.wait_for` (inside aiomqtt) swallowed.
+
+    On 3.11, a task cancelled while the reply it awaits arrives gets the reply and loses the
+    CancelledError (CPython gh-86296, fixed in 3.12); the task's cancel count still shows it.
+    Only reliable in tasks that run no TaskGroup or asyncio.timeout, which uncancel; hence
+    `_until_first_exits` instead of a TaskGroup in the connection task.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _until_first_exits(*coroutines: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutines as tasks until one ends, then cancel the others; re-raise its error.
+
+    Not a TaskGroup: on 3.11, a TaskGroup whose child fails while it waits in __aexit__ leaves the
+    parent's cancel count raised for good, which `_raise_if_cancelled` would mistake for a stop.
+    """
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Let each finish its cleanup (the publisher puts its in-flight message back).
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
