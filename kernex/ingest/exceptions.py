@@ -1,6 +1,10 @@
 """Errors of the ingest worker."""
 
 from kernex.protocol.exceptions import KernexError
+from kernex.storage.exceptions import WriteError
+
+# WriteError is the storage writer's (kernex.storage.writer); re-exported for the worker.
+__all__ = ["BrokerConnectionError", "IngestConfigError", "IngestError", "WriteError"]
 
 
 class IngestError(KernexError):
@@ -13,7 +17,3 @@ class IngestConfigError(IngestError):
 
 class BrokerConnectionError(IngestError):
     """The first connection to the broker failed (later drops are retried, not raised)."""
-
-
-class WriteError(IngestError):
-    """Committing a batch failed; the batch was not acknowledged and will be retried."""

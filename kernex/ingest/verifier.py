@@ -10,31 +10,35 @@ escapes `Verifier.verify` for hostile input.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from datetime import datetime, timedelta
+from typing import TypeAlias
 
 from kernex.ingest.keys import DeviceKey
-from kernex.protocol import jws
-from kernex.protocol.exceptions import MessageError, SignatureError, TopicError
-from kernex.protocol.messages import (
-    ConnectionStatus,
-    Event,
-    Heartbeat,
-    RejectReason,
-    parse_event,
-    parse_heartbeat,
-    parse_status,
-)
+from kernex.protocol.exceptions import MessageError, TopicError
+from kernex.protocol.messages import ConnectionStatus, Heartbeat, RejectReason, parse_status
 from kernex.protocol.topics import Channel, DeviceTopic, Topics
+from kernex.protocol.verify import ClockLimits, MessageRejected, SignedKind, as_utc, verify_signed
 from kernex.storage.models import AdmissionState
+from kernex.storage.records import Verified, VerifiedEvent, VerifiedHeartbeat, VerifiedStatus
+
+# The verified records live in kernex.storage.records (the API's HTTP fallback writes them too);
+# they are re-exported here for the worker and its tests.
+__all__ = [
+    "KeyLookup",
+    "RawMessage",
+    "Rejection",
+    "Verdict",
+    "Verified",
+    "VerifiedEvent",
+    "VerifiedHeartbeat",
+    "VerifiedStatus",
+    "Verifier",
+    "VerifyLimits",
+]
 
 UNKNOWN_CHANNEL = "unknown"  # metrics label for messages whose topic did not parse
-# Event data is free-form JSON stored as JSONB: numbers must survive the trip through Python's
-# json and Postgres, and consumers (the dashboard's JavaScript) read them as 64-bit values.
-JSON_INT_LIMIT = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,43 +47,6 @@ class RawMessage:
 
     topic: str
     payload: bytes
-    received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedHeartbeat:
-    """A heartbeat whose signature, topic, schema and timestamp checked out."""
-
-    device_id: str
-    claims: Heartbeat
-    received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedEvent:
-    """A device event whose signature, topic, schema and timestamp checked out."""
-
-    device_id: str
-    claims: Event
-    received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedStatus:
-    """An online/offline status of a known, admitted device.
-
-    `ts` orders it against the device's other statuses and heartbeats. For "online" it is the
-    device's timestamp (the receive time if there is none). For "offline" it is the later of
-    the two: the broker publishes the Last Will when the connection dies, but its payload (and
-    ts) was fixed at connect time, before the "online" and every heartbeat of that connection;
-    taken at face value, a Will could never win. The receive time is when the platform learnt
-    the connection was gone. The cost: a queued "offline" replayed late (a worker catching up)
-    counts as recent, and the device shows offline until its next live heartbeat.
-    """
-
-    device_id: str
-    status: ConnectionStatus
-    ts: datetime
     received_at: datetime
 
 
@@ -93,7 +60,6 @@ class Rejection:
     device_id: str | None
 
 
-Verified: TypeAlias = VerifiedHeartbeat | VerifiedEvent | VerifiedStatus
 Verdict: TypeAlias = Verified | Rejection
 KeyLookup: TypeAlias = Callable[[str], DeviceKey | None]
 
@@ -168,7 +134,7 @@ class Verifier:
             status = parse_status(message.payload)
         except MessageError as exc:
             raise _Refused(RejectReason.MALFORMED, str(exc)) from None
-        ts = _as_utc(status.ts) if status.ts is not None else message.received_at
+        ts = self._as_utc(status.ts) if status.ts is not None else message.received_at
         if status.status is ConnectionStatus.OFFLINE:
             ts = max(ts, message.received_at)
         # Only the future bound: a status is retained, so an old one is simply what the broker
@@ -181,100 +147,26 @@ class Verifier:
         self, message: RawMessage, parsed: DeviceTopic, key: DeviceKey
     ) -> VerifiedHeartbeat | VerifiedEvent:
         device_id = parsed.device_id
-        is_heartbeat = parsed.channel is Channel.HEARTBEAT
-        payload = _verified_payload(message.payload, device_id, key, is_heartbeat)
+        kind = SignedKind.HEARTBEAT if parsed.channel is Channel.HEARTBEAT else SignedKind.EVENT
+        clock = ClockLimits(max_future_skew=self._limits.max_future_skew, max_age=self._limits.max_age)
         try:
-            claims: Heartbeat | Event = parse_heartbeat(payload) if is_heartbeat else parse_event(payload)
-        except MessageError as exc:
-            raise _Refused(RejectReason.MALFORMED, str(exc)) from None
-        if claims.device_id != device_id:
-            raise _Refused(RejectReason.TOPIC_MISMATCH, "claims device_id is not the topic's device id")
-        problem = _unstorable(claims)
-        if problem is not None:
-            raise _Refused(RejectReason.MALFORMED, problem)
-        self._check_clock(_as_utc(claims.ts), message.received_at)
+            claims = verify_signed(
+                message.payload,
+                kind=kind,
+                device_id=device_id,
+                public_key=key.public_key,
+                received_at=message.received_at,
+                clock=clock,
+            )
+        except MessageRejected as exc:
+            raise _Refused(exc.reason, exc.detail) from None
         if isinstance(claims, Heartbeat):
             return VerifiedHeartbeat(device_id, claims, message.received_at)
         return VerifiedEvent(device_id, claims, message.received_at)
 
-    def _check_clock(self, ts: datetime, received_at: datetime) -> None:
-        age = received_at - ts
-        if age > self._limits.max_age:
-            raise _Refused(RejectReason.CLOCK_SKEW, f"ts is {age} old")
-        if -age > self._limits.max_future_skew:
-            raise _Refused(RejectReason.CLOCK_SKEW, f"ts is {-age} in the future")
-
-
-def _as_utc(ts: datetime) -> datetime:
-    """The timestamp in UTC; a valid RFC 3339 time near year 1 or 9999 may not convert."""
-    try:
-        return ts.astimezone(UTC)
-    except OverflowError:
-        raise _Refused(RejectReason.MALFORMED, f"timestamp {ts.isoformat()} is out of range") from None
-
-
-def _verified_payload(token: bytes, device_id: str, key: DeviceKey, is_heartbeat: bool) -> bytes:
-    """The claims bytes of a JWS signed by the device's registered key, for this channel."""
-    try:
-        header = jws.unverified_header(token)
-    except SignatureError as exc:
-        raise _Refused(RejectReason.MALFORMED, f"not a JWS: {exc}") from None
-    if header.get("kid") != device_id:
-        raise _Refused(RejectReason.TOPIC_MISMATCH, "JWS kid is not the topic's device id")
-    if key.public_key is None:
-        raise _Refused(RejectReason.BAD_SIGNATURE, "the registered public key does not load")
-    try:
-        verified = jws.verify(token, key.public_key)
-    except SignatureError as exc:
-        raise _Refused(RejectReason.BAD_SIGNATURE, str(exc)) from None
-    expected_typ = jws.TYP_HEARTBEAT if is_heartbeat else jws.TYP_EVENT
-    if verified.header.get("typ") != expected_typ:
-        # A validly signed message of another kind, replayed onto this channel.
-        raise _Refused(RejectReason.MALFORMED, f"JWS typ is not {expected_typ}")
-    return verified.payload
-
-
-def _unstorable(claims: Heartbeat | Event) -> str | None:
-    """Why a schema-valid message still cannot be stored on every database, or None.
-
-    The database refuses NUL characters in text and JSONB, lone surrogates cannot be encoded as
-    UTF-8, and JSON has no Infinity: such a message would fail its whole batch on every retry
-    (a poison batch) instead of being rejected alone.
-    """
-    if isinstance(claims, Heartbeat):
-        texts = [claims.device_id, claims.status, claims.agent_version]
-        if claims.bundle is not None:
-            texts += [claims.bundle.id, claims.bundle.version]
-        return next((p for p in map(_text_problem, texts) if p is not None), None)
-    problem = _text_problem(claims.device_id) or _text_problem(claims.type)
-    return problem or _json_problem(claims.data)
-
-
-def _text_problem(value: str) -> str | None:
-    if "\x00" in value:
-        return "text contains a NUL character"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "text is not valid Unicode"
-    return None
-
-
-def _json_problem(value: Any) -> str | None:
-    # Depth is bounded: the JSON parser already refused deeper nesting than it supports.
-    problem: str | None = None
-    if isinstance(value, str):
-        problem = _text_problem(value)
-    elif isinstance(value, bool) or value is None:
-        pass
-    elif isinstance(value, int):
-        problem = None if abs(value) <= JSON_INT_LIMIT else "integer out of 64-bit range"
-    elif isinstance(value, float):
-        problem = None if math.isfinite(value) else "number is not finite"
-    elif isinstance(value, dict):
-        problem = next((p for k, v in value.items() if (p := _text_problem(k) or _json_problem(v))), None)
-    elif isinstance(value, list):
-        problem = next((p for p in map(_json_problem, value) if p is not None), None)
-    else:
-        problem = f"unexpected JSON value of type {type(value).__name__}"
-    return problem
+    @staticmethod
+    def _as_utc(ts: datetime) -> datetime:
+        try:
+            return as_utc(ts)
+        except MessageRejected as exc:
+            raise _Refused(exc.reason, exc.detail) from None

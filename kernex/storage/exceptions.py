@@ -13,3 +13,7 @@ class DatabaseUnavailableError(StorageError):
 
 class MigrationError(StorageError):
     """Applying schema migrations failed."""
+
+
+class WriteError(StorageError):
+    """Committing a batch of device messages failed; nothing of it was stored."""
