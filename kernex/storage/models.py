@@ -76,6 +76,18 @@ class Device(SQLModel, table=True):
     bundle_version: str | None = Field(default=None, max_length=64, index=True)
     config_version: int | None = Field(default=None, sa_type=sa.BigInteger)
     agent_version: str | None = Field(default=None, max_length=64)
+    # The revision of the last command issued to the device: only grows, bumped in the
+    # transaction that records the command (kernex.protocol.commands: agents ignore lower ones).
+    command_revision: int = Field(default=0, sa_type=sa.BigInteger, sa_column_kwargs={"server_default": "0"})
+    # The desired heartbeat interval (from its configuration); None: the default. The liveness
+    # sweeper marks the device offline after a few intervals of silence.
+    heartbeat_interval_s: int | None = None
+    # The configuration version the device last reported applying (config_applied event) and the
+    # seq of that event: it counts only if newer than the heartbeat that set config_version.
+    config_applied_version: int | None = Field(default=None, sa_type=sa.BigInteger)
+    config_applied_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
+    config_applied_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    config_error: str | None = Field(default=None, sa_type=sa.Text)
 
 
 class Heartbeat(SQLModel, table=True):
@@ -158,6 +170,8 @@ class Deployment(SQLModel, table=True):
     created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
     created_by: str | None = Field(default=None, max_length=128)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cancelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cancelled_by: str | None = Field(default=None, max_length=128)
 
 
 class DeploymentTarget(SQLModel, table=True):
@@ -169,11 +183,15 @@ class DeploymentTarget(SQLModel, table=True):
         primary_key=True, max_length=64, foreign_key="deployments.id", ondelete="CASCADE"
     )
     device_id: str = Field(primary_key=True, max_length=64, foreign_key="devices.id", index=True)
-    status: str = Field(default="pending", max_length=32)
+    status: str = Field(default="pending", max_length=32, index=True)
     revision: int = Field(default=0, sa_type=sa.BigInteger)
     error: str | None = Field(default=None, sa_type=sa.Text)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    # The deploy command sent for this target, and the seq of the device event last applied to it.
+    command_id: str | None = Field(default=None, max_length=64)
+    last_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class DeviceConfig(SQLModel, table=True):
@@ -183,9 +201,54 @@ class DeviceConfig(SQLModel, table=True):
 
     device_id: str = Field(primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE")
     version: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    # What the device is sent: the fleet defaults merged with its overrides.
     values: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
     created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
     created_by: str | None = Field(default=None, max_length=128)
+    # The device's own settings at this version, and the fleet defaults version merged under them.
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, sa_type=JSONType, sa_column_kwargs={"server_default": "{}"}
+    )
+    defaults_version: int | None = Field(default=None, sa_type=sa.BigInteger)
+
+
+class FleetConfig(SQLModel, table=True):
+    """One version of the fleet-wide configuration defaults; the highest version is in effect."""
+
+    __tablename__ = "fleet_configs"
+
+    version: int = Field(primary_key=True, sa_type=sa.BigInteger, sa_column_kwargs={"autoincrement": False})
+    values: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    created_by: str | None = Field(default=None, max_length=128)
+
+
+class DeviceCommand(SQLModel, table=True):
+    """A signed command issued to a device, and where it stands on the broker.
+
+    The newest command of a (device, kind) is the one retained on its topic; `state` says
+    whether it still has to be published (`pending`), is on the broker (`published`), has to be
+    cleared (`clearing`: an empty retained message removes it) or was (`cleared`), or was
+    replaced by a newer command before it was published (`superseded`).
+    """
+
+    __tablename__ = "device_commands"
+    __table_args__ = (sa.Index("ix_device_commands_device_kind", "device_id", "kind", "revision"),)
+
+    id: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(max_length=64, foreign_key="devices.id", ondelete="CASCADE")
+    kind: str = Field(max_length=16)
+    revision: int = Field(sa_type=sa.BigInteger)
+    state: str = Field(max_length=16, index=True)
+    token: str = Field(sa_type=sa.Text)
+    deployment_id: str | None = Field(
+        default=None, max_length=64, foreign_key="deployments.id", ondelete="CASCADE"
+    )
+    config_version: int | None = Field(default=None, sa_type=sa.BigInteger)
+    issued_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+    published_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cleared_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class DeviceBundleHistory(SQLModel, table=True):
