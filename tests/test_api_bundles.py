@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import pytest
 from sqlmodel import col, select
 
 from kernex.api.auth.schemas import Role
+from kernex.api.bundles.service import DownloadAbortedError
 from kernex.cli.bundle import build_bundle, sign_bundle
 from kernex.protocol import devicetoken
 from kernex.protocol.keys import (
@@ -602,3 +604,71 @@ async def test_upload_and_download_on_postgres_and_sqlite(database_url: str, tmp
         )
         assert (response.status_code, response.content) == (200, archive)
         assert (await upload(api, archive)).status_code == 409
+
+
+async def test_bytes_changed_after_verification_break_the_download(sqlite_url: str, tmp_path: Path) -> None:
+    async with authed_api_on(tmp_path, sqlite_url) as api:
+        archive = build(tmp_path, data=os.urandom(3 * MIB)).read_bytes()
+        bundle = (await upload(api, archive)).json()
+        url = f"/api/v1/bundles/{bundle['id']}/download"
+        assert (await api.client.get(url, headers=api.headers(Role.OPERATOR))).content == archive
+
+        # Rewrite in place, keeping inode, size and mtime: the verified version looks unchanged,
+        # so only the hash taken while streaming can notice.
+        store = runtime_store(api)
+        async with engine_scope(api.database_url) as engine, session_factory(engine)() as session:
+            row = await session.get(Bundle, bundle["id"])
+            assert row is not None
+            path = store.path_of(row.storage_key)
+        before = path.stat()
+        with path.open("r+b") as handle:
+            handle.seek(len(archive) // 2)
+            handle.write(bytes([archive[len(archive) // 2] ^ 0xFF]))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+        # The server breaks the response off before its last chunk (in-process: the error surfaces).
+        with pytest.raises(BaseException) as raised:
+            await api.client.get(url, headers=api.headers(Role.OPERATOR))
+        if isinstance(raised.value, BaseExceptionGroup):
+            assert raised.group_contains(DownloadAbortedError, match="changed while being served")
+        else:
+            assert isinstance(raised.value, DownloadAbortedError)
+        got = await api.client.get(f"/api/v1/bundles/{bundle['id']}", headers=api.headers(Role.VIEWER))
+        assert got.json()["quarantined"] is True
+        assert (await api.client.get(url, headers=api.headers(Role.OPERATOR))).status_code == 410
+
+
+async def test_encrypted_filesystem_store_through_the_api(sqlite_url: str, tmp_path: Path) -> None:
+    key = base64.b64encode(os.urandom(32)).decode()
+    async with authed_api_on(tmp_path, sqlite_url, bundle_encryption_key=key) as api:
+        archive = build(tmp_path, data=os.urandom(200_000)).read_bytes()
+        bundle = (await upload(api, archive)).json()
+        store = runtime_store(api)
+        (stored,) = [p for p in store.objects.rglob("*") if p.is_file()]
+        assert archive[:64] not in stored.read_bytes()
+        url = f"/api/v1/bundles/{bundle['id']}/download"
+        full = await api.client.get(url, headers=api.headers(Role.OPERATOR))
+        assert full.content == archive
+        part = await api.client.get(url, headers={**api.headers(Role.OPERATOR), "Range": "bytes=70000-"})
+        assert (part.status_code, part.content) == (206, archive[70000:])
+
+
+async def test_presigned_s3_downloads_redirect_after_authorization(
+    sqlite_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    overrides = {**store_overrides("s3", request), "s3_presigned_downloads": True, "presign_ttl_s": 60}
+    async with authed_api_on(tmp_path, sqlite_url, **overrides) as api:
+        archive = build(tmp_path).read_bytes()
+        bundle = (await upload(api, archive)).json()
+        url = f"/api/v1/bundles/{bundle['id']}/download"
+        key, device_id, _ = await register_device(api)
+        device = bearer(devicetoken.issue(key, device_id))
+        assert (await api.client.get(url, headers=device)).status_code == 403
+        await deploy(api, bundle["id"], [device_id])
+        redirect = await api.client.get(url, headers=device)
+        assert redirect.status_code == 307
+        assert redirect.headers["x-kernex-sha256"] == bundle["sha256"]
+        assert redirect.headers["x-kernex-release-signature"] == bundle["signature"]
+        async with httpx.AsyncClient() as plain:
+            fetched = await plain.get(redirect.headers["location"])
+        assert fetched.content == archive

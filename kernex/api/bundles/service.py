@@ -411,6 +411,14 @@ async def _audited(
 # --- download -------------------------------------------------------------------------------
 
 
+class DownloadAbortedError(RuntimeError):
+    """Raised mid-response to break the connection: the bytes being served are not the bundle.
+
+    Deliberately not an API error: once the status line is sent no handler can answer, and the
+    server must drop the connection so the client sees an incomplete transfer, not a wrong file.
+    """
+
+
 @dataclass(frozen=True)
 class ByteRange:
     """Bytes [start, end) of a bundle."""
@@ -538,11 +546,11 @@ async def stream(
                 held = chunk
     except StoredObjectCorruptError as exc:
         await _quarantine_while_serving(runtime, sessions, bundle, str(exc))
-        raise BundleQuarantinedError(f"bundle {bundle.id} is corrupt at rest: {exc}") from None
+        raise DownloadAbortedError(f"bundle {bundle.id} quarantined mid-download: {exc}") from None
     if digest is not None and digest.hexdigest() != bundle.sha256:
         reason = f"changed while being served: hashes to {digest.hexdigest()}"
         await _quarantine_while_serving(runtime, sessions, bundle, reason)
-        raise BundleQuarantinedError(f"bundle {bundle.id} {reason}")
+        raise DownloadAbortedError(f"bundle {bundle.id} quarantined: {reason}")
     if held is not None:
         yield held
 

@@ -174,7 +174,8 @@ class _S3Upload(Upload):
         self._store = store
         self._key = key
         self._part_bytes = store.options.part_bytes
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
         self._inflight: asyncio.Task[None] | None = None
@@ -182,11 +183,21 @@ class _S3Upload(Upload):
         self._done = False
 
     async def write(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self._part_bytes:
-            part = bytes(self._buffer[: self._part_bytes])
-            del self._buffer[: self._part_bytes]
+        # Chunks are joined once per part: one part-sized allocation, no resizing or shifting.
+        self._chunks.append(data)
+        self._buffered += len(data)
+        while self._buffered >= self._part_bytes:
+            joined = b"".join(self._chunks)
+            part, rest = joined[: self._part_bytes], joined[self._part_bytes :]
+            del joined
+            self._chunks = [rest] if rest else []
+            self._buffered = len(rest)
             await self._send(part)
+
+    def _take_buffer(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks, self._buffered = [], 0
+        return data
 
     async def _send(self, part: bytes) -> None:
         store = self._store
@@ -232,13 +243,13 @@ class _S3Upload(Upload):
                     store.client.put_object,
                     Bucket=store.bucket,
                     Key=self._key,
-                    Body=bytes(self._buffer),
+                    Body=self._take_buffer(),
                     ContentType="application/gzip",
                     **store.sse_args(),
                 )
             else:
-                if self._buffer:
-                    await self._send(bytes(self._buffer))
+                if self._buffered:
+                    await self._send(self._take_buffer())
                 await self._wait_inflight()
                 parts = sorted(self._parts, key=lambda p: p["PartNumber"])
                 await store.call(
@@ -252,14 +263,13 @@ class _S3Upload(Upload):
         except BaseException:
             await self.abort()
             raise
-        self._buffer.clear()
         self._done = True
 
     async def abort(self) -> None:
         if self._done:
             return
         self._done = True
-        self._buffer.clear()
+        self._chunks, self._buffered = [], 0
         if self._inflight is not None:
             # A part still uploading would outlive the abort; wait for it, its outcome no longer matters.
             task, self._inflight = self._inflight, None
