@@ -35,6 +35,9 @@ class Access(StrEnum):
     USER = "user"  # any user's access token, never an API token (logout, password)
     DEVICE = "device"  # only a device-signed JWT
     DEVICE_OR_VIEWER = "device-or-viewer"  # a device JWT or any operator-side caller (downloads)
+    # Only the JWT of the device the path names (the HTTP fallback). The matrix's path names a
+    # device that does not exist, so the registered device is refused there with 403.
+    DEVICE_SELF = "device-self"
 
 
 EXPECTED: dict[tuple[str, str], Access] = {
@@ -71,6 +74,19 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("GET", "/api/v1/bundles/{bundle_id}"): Access.VIEWER,
     ("DELETE", "/api/v1/bundles/{bundle_id}"): Access.OPERATOR,
     ("GET", "/api/v1/bundles/{bundle_id}/download"): Access.DEVICE_OR_VIEWER,
+    ("POST", "/api/v1/deployments"): Access.OPERATOR,
+    ("GET", "/api/v1/deployments"): Access.VIEWER,
+    ("GET", "/api/v1/deployments/{deployment_id}"): Access.VIEWER,
+    ("POST", "/api/v1/deployments/{deployment_id}/cancel"): Access.OPERATOR,
+    ("GET", "/api/v1/devices/{device_id}/bundle-history"): Access.VIEWER,
+    ("POST", "/api/v1/devices/{device_id}/rollback"): Access.OPERATOR,
+    ("GET", "/api/v1/devices/{device_id}/config"): Access.VIEWER,
+    ("PUT", "/api/v1/devices/{device_id}/config"): Access.OPERATOR,
+    ("GET", "/api/v1/devices/{device_id}/config/history"): Access.VIEWER,
+    ("GET", "/api/v1/config/defaults"): Access.VIEWER,
+    ("PUT", "/api/v1/config/defaults"): Access.OPERATOR,
+    ("POST", "/api/v1/devices/{device_id}/heartbeat"): Access.DEVICE_SELF,
+    ("POST", "/api/v1/devices/{device_id}/events"): Access.DEVICE_SELF,
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # Starlette adds HEAD to every GET; CORS answers OPTIONS
@@ -115,10 +131,12 @@ def expected_status(access: Access, caller: Caller) -> int | None:
     """401 or 403 when the caller must be refused, None when it must get through."""
     if access is Access.PUBLIC:
         return None
-    if access is Access.DEVICE:
-        return None if caller.kind == "device" else 401
-    if access is Access.DEVICE_OR_VIEWER:
-        return 401 if caller.kind == "anonymous" else None
+    device_routes = {Access.DEVICE: None, Access.DEVICE_SELF: 403, Access.DEVICE_OR_VIEWER: None}
+    if access in device_routes:
+        if caller.kind == "device":
+            return device_routes[access]
+        refused = caller.kind == "anonymous" or access is not Access.DEVICE_OR_VIEWER
+        return 401 if refused else None
     if caller.kind in {"anonymous", "device"}:
         return 401
     assert caller.role is not None

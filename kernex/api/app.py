@@ -16,9 +16,12 @@ from kernex.api.audit import routes as audit
 from kernex.api.auth import routes as auth
 from kernex.api.broker_link import BrokerLink
 from kernex.api.bundles import routes as bundles
+from kernex.api.configs import routes as configs
+from kernex.api.deployments import routes as deployments
 from kernex.api.devices import routes as devices
 from kernex.api.docs.routes import install_docs
 from kernex.api.errors import ERROR_RESPONSES, install_error_handlers
+from kernex.api.fallback import routes as fallback
 from kernex.api.health import routes as health
 from kernex.api.middleware import install_middleware
 from kernex.api.ratelimit import RateLimits
@@ -96,6 +99,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         devices.device_router,
         devices.router,
         bundles.router,
+        # Carries the commands lifespan (signing key, republisher, sweeper): after bundles, whose
+        # store deployments check.
+        deployments.router,
+        deployments.device_router,
+        configs.device_router,
+        configs.router,
+        fallback.router,
     ):
         # Every API route documents the error shape of each status it may answer with.
         app.include_router(router, responses=ERROR_RESPONSES)

@@ -1,4 +1,4 @@
-"""The API's own MQTT connection: readiness today, publishing signed commands later."""
+"""The API's own MQTT connection: readiness, and publishing (and clearing) retained signed commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiomqtt
 
+from kernex.api.errors import ServiceUnavailableError
 from kernex.kit.backoff import Backoff
 from kernex.kit.logs import get_logger
 
@@ -14,6 +15,15 @@ log = get_logger(__name__)
 
 KEEPALIVE_S = 30  # short enough that /readyz notices a dead broker within a minute
 CONNECT_TIMEOUT_S = 10
+# A QoS 1 PUBACK on a healthy broker takes milliseconds; past this the link is as good as down,
+# and the command stays pending for the republisher.
+PUBLISH_TIMEOUT_S = 10
+
+
+class BrokerUnavailableError(ServiceUnavailableError):
+    """The API is not connected to the broker, or the broker did not acknowledge a publish."""
+
+    code = "broker_unavailable"
 
 
 class BrokerLink:
@@ -27,12 +37,31 @@ class BrokerLink:
         self._tls = aiomqtt.TLSParameters(ca_certs=str(ca_cert), certfile=str(cert), keyfile=str(key))
         self._client_id = client_id
         self._connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
         self.last_error: str | None = None
 
     @property
     def connected(self) -> bool:
         """True while the connection is up."""
         return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Return once the connection is up (at once if it is)."""
+        await self._connected.wait()
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None:
+        """Publish and, for QoS 1, wait for the broker's acknowledgement.
+
+        An empty retained payload deletes the topic's retained message (MQTT 5 §3.3.1.3).
+        Raises BrokerUnavailableError when disconnected or when the broker does not answer.
+        """
+        client = self._client
+        if client is None or not self.connected:
+            raise BrokerUnavailableError(f"not connected to the broker ({self.last_error or 'connecting'})")
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=PUBLISH_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailableError(f"publish to the broker failed: {exc}") from None
 
     async def run(self) -> None:
         """Connect and stay connected until cancelled."""
@@ -49,17 +78,19 @@ class BrokerLink:
             )
             try:
                 async with client:
+                    self._client = client
                     self._connected.set()
                     self.last_error = None
                     backoff.reset()
                     log.info("broker connected", host=self._host, port=self._port)
-                    # Nothing to consume yet: wait until the connection drops (raises MqttError).
+                    # Nothing to consume: wait until the connection drops (raises MqttError).
                     async for _ in client.messages:
                         pass
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc)
             finally:
                 self._connected.clear()
+                self._client = None
             delay = backoff.next_delay()
             log.warning("broker connection lost; retrying", error=self.last_error, retry_in_s=round(delay, 1))
             await asyncio.sleep(delay)

@@ -29,11 +29,13 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # early refusal only has to leave room for the multipart framing and the signature field.
 STREAMED_UPLOADS = frozenset({("POST", "/api/v1/bundles")})
 UPLOAD_FRAMING_BYTES = 64 * 1024
-# JSON for the API, multipart and raw archives for bundle uploads; anything else (text/plain,
-# which browsers send cross-site without a preflight) is refused with 415.
+# JSON for the API, multipart and raw archives for bundle uploads, compact JWS for the devices'
+# HTTP fallback; anything else (text/plain, which browsers send cross-site without a preflight)
+# is refused with 415.
 ACCEPTED_CONTENT_TYPES = frozenset(
     {
         "application/json",
+        "application/jose",
         "multipart/form-data",
         "application/octet-stream",
         "application/gzip",

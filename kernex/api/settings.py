@@ -28,6 +28,13 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 # Placeholder words copied from templates and compose files: a secret containing one was never replaced.
 PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "changethis", "replace-me", "example")
 JWT_SECRET_NAME = "jwt-secret"  # noqa: S105 - the file name in the data dir, not a secret
+# A device offline for a week still finds its commands; older ones it must not act on any more.
+COMMAND_TTL_S = 7 * 24 * 3600
+DEPLOYMENT_TIMEOUT_S = 300  # an install that takes more than five minutes after pickup is stuck
+REPUBLISH_INTERVAL_S = 5.0  # how soon a command recorded while the broker was down goes out
+SWEEP_INTERVAL_S = 10.0  # timeouts and offline marks land within this of being due
+MISSED_HEARTBEATS = 3  # one lost heartbeat is noise; three in a row is a device gone
+DEFAULT_HEARTBEAT_INTERVAL_S = 60  # DESIGN.md: a heartbeat a minute unless configured otherwise
 
 
 class AdmissionPolicy(StrEnum):
@@ -63,6 +70,24 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     # When set, GET /metrics requires `Authorization: Bearer <this>`; unset, /metrics is open and
     # should be reachable only from the monitoring network.
     metrics_token: SecretStr | None = None
+    # Signed commands expire this long after they are issued; agents ignore expired commands.
+    command_ttl_s: int = Field(default=COMMAND_TTL_S, ge=60, le=365 * 24 * 3600)
+    # A deployment target not finished this long after the device took it up fails ("timeout");
+    # a deployment may set its own.
+    deployment_timeout_s: int = Field(default=DEPLOYMENT_TIMEOUT_S, ge=1, le=7 * 24 * 3600)
+    # Commands recorded while the broker was unreachable are published at this pace (and at once on
+    # reconnect).
+    command_republish_interval_s: float = Field(default=REPUBLISH_INTERVAL_S, gt=0, le=3600)
+    # How often deployment timeouts and device liveness are checked.
+    sweep_interval_s: float = Field(default=SWEEP_INTERVAL_S, gt=0, le=3600)
+    # An online device is marked offline after this many of its heartbeat intervals of silence.
+    offline_after_missed_heartbeats: int = Field(default=MISSED_HEARTBEATS, ge=1, le=1000)
+    # The heartbeat interval assumed for devices whose configuration sets none.
+    default_heartbeat_interval_s: int = Field(default=DEFAULT_HEARTBEAT_INTERVAL_S, ge=1, le=86_400)
+    # The HTTP fallback judges a device's clock like ingest does (KERNEX_MAX_FUTURE_SKEW_S and
+    # KERNEX_MAX_AGE_S there): a message this far ahead, or older than this, is refused.
+    fallback_max_future_skew_s: int = Field(default=300, ge=0)
+    fallback_max_age_s: int = Field(default=86_400, ge=1)
 
     @property
     def advertised_mqtt_host(self) -> str:

@@ -9,6 +9,13 @@ its batch into a poison batch that is retried forever.
 Each device's latest state comes from its highest-seq heartbeat and only replaces a lower
 stored seq; online/offline follows the newest timestamp, never arrival order (DESIGN.md
 "Delivery guarantees"), so batches from several workers may commit in any order.
+
+Events that report on commands are applied in the same transaction as their insert:
+`deployment` progress updates the deployment's target, history and aggregate status
+(kernex.storage.deployments), `config_applied` the device's applied configuration version
+(kernex.storage.configs). Both are idempotent and ordered by seq, so a redelivered or late event
+changes nothing it should not. An event whose data does not match its type's schema is stored
+but applies nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +28,14 @@ from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import sqlalchemy as sa
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kernex.kit.logs import get_logger
+from kernex.protocol.commands import ConfigApplied, DeploymentProgress, EventType
+from kernex.storage.configs import ConfigReport, apply_config_report
 from kernex.storage.database import is_sqlite
+from kernex.storage.deployments import Report, apply_report, recompute
 from kernex.storage.exceptions import WriteError
 from kernex.storage.models import ConnectionState, Device, DeviceStatusChange
 from kernex.storage.records import Verified, VerifiedEvent, VerifiedHeartbeat, VerifiedStatus
@@ -67,6 +79,8 @@ _TIME_COLUMNS = frozenset({"ts", "received_at"})
 REASON_HEARTBEAT = "heartbeat"
 REASON_STATUS = "status message"
 
+log = get_logger(__name__)
+
 _DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]  # SQLModel sets it at class creation
 _STATUS_CHANGES: sa.Table = DeviceStatusChange.__table__  # type: ignore[attr-defined]  # as above
 
@@ -88,6 +102,8 @@ class WriteResult:
     events: Tally = field(default_factory=Tally)
     statuses: Tally = field(default_factory=Tally)
     status_changes: int = 0
+    # Events that changed a deployment target or a device's applied configuration.
+    reports_applied: int = 0
 
 
 @dataclass(slots=True)
@@ -132,6 +148,8 @@ class BatchWriter:
                     current = await _lock_devices(conn, device_ids)
                     hb_new, ev_new = await self._insert_postgres(conn, heartbeats, events)
                 changes = await _update_state(conn, current, heartbeats, events, statuses)
+                # After the state update, which writes back the device columns it read.
+                applied = await _apply_reports(conn, [e for e in events if e.device_id in current])
         except (OSError, sa.exc.SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise WriteError(f"batch of {len(records)} not committed: {type(exc).__name__}: {exc}") from exc
         for tally, rows, stored in ((result.heartbeats, heartbeats, hb_new), (result.events, events, ev_new)):
@@ -142,6 +160,7 @@ class BatchWriter:
         result.statuses.vanished = sum(r.device_id not in current for r in statuses)
         result.statuses.stored = len(statuses) - result.statuses.vanished
         result.status_changes = changes
+        result.reports_applied = applied
         return result
 
     async def _insert_postgres(
@@ -172,6 +191,40 @@ class BatchWriter:
             [dict(zip(EVENT_COLUMNS, _event_row(e), strict=True)) for e in events],
         )
         return hb_new, ev_new
+
+
+async def _apply_reports(conn: AsyncConnection, events: list[VerifiedEvent]) -> int:
+    """Apply deployment progress and config-applied events, in seq order; returns how many changed state."""
+    applied = 0
+    touched: set[str] = set()
+    now = datetime.now(UTC)
+    for event in sorted(events, key=lambda e: (e.device_id, e.claims.seq)):
+        claims = event.claims
+        try:
+            if claims.type == EventType.DEPLOYMENT:
+                progress = DeploymentProgress.model_validate(claims.data)
+                report = Report(
+                    event.device_id, claims.seq, _utc(claims.ts), _utc(event.received_at), progress
+                )
+                deployment_id = await apply_report(conn, report)
+                if deployment_id is not None:
+                    touched.add(deployment_id)
+                    applied += 1
+            elif claims.type == EventType.CONFIG_APPLIED:
+                config = ConfigApplied.model_validate(claims.data)
+                config_report = ConfigReport(event.device_id, claims.seq, _utc(claims.ts), config)
+                applied += await apply_config_report(conn, config_report)
+        except ValidationError as exc:
+            # Stored as it came (the device signed it), but it cannot be acted on.
+            log.warning(
+                "event data does not match its type",
+                device_id=event.device_id,
+                seq=claims.seq,
+                type=claims.type,
+                error=str(exc.errors()[0]["msg"]),
+            )
+    await recompute(conn, touched, now)
+    return applied
 
 
 def _unique(records: Iterable[R]) -> list[R]:

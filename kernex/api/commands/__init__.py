@@ -1,0 +1,1 @@
+"""Signed commands: issued with per-device revisions, recorded, published retained, republished."""

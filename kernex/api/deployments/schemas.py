@@ -1,0 +1,120 @@
+"""Request and response bodies of the deployments domain."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from kernex.storage.deployments import DeploymentStatus, TargetStatus
+
+MAX_TARGETS = 10_000  # one request's device list; larger rollouts select by tag
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class DeploymentCreate(BaseModel):
+    """Deploy a bundle to devices named by id, or to every active device carrying all the tags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle_id: Id
+    device_ids: Annotated[list[Id], Field(min_length=1, max_length=MAX_TARGETS)] | None = None
+    tags: Annotated[list[Tag], Field(min_length=1, max_length=32)] | None = Field(
+        default=None, description="Every active device carrying all of these tags"
+    )
+    supersede: bool = Field(
+        default=False,
+        description="Replace the deployments in progress on these devices instead of answering 409",
+    )
+    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)] | None = Field(
+        default=None, description="How long a device may take after it took the deployment up"
+    )
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> Self:
+        if (self.device_ids is None) == (self.tags is None):
+            raise ValueError("give exactly one of device_ids and tags")
+        return self
+
+
+class RollbackRequest(BaseModel):
+    """Roll a device back: to a given bundle, or by default to its previous successful one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle_id: Id | None = None
+    supersede: bool = False
+
+
+class TargetOut(BaseModel):
+    """One device's part in a deployment."""
+
+    device_id: str
+    status: TargetStatus
+    error: str | None
+    started_at: datetime | None
+    updated_at: datetime
+    finished_at: datetime | None
+    command_id: str | None
+    revision: int
+    command_state: str | None = Field(description="pending, published, clearing, cleared or superseded")
+
+
+class DeploymentOut(BaseModel):
+    """A deployment with its aggregate status and counts of targets by status."""
+
+    id: str
+    bundle_id: str
+    bundle_name: str
+    bundle_version: str
+    status: DeploymentStatus
+    rollback: bool
+    timeout_s: int
+    created_at: datetime
+    created_by: str | None
+    finished_at: datetime | None
+    cancelled_at: datetime | None
+    cancelled_by: str | None
+    total: int
+    counts: dict[str, int]
+
+
+class DeploymentDetail(DeploymentOut):
+    """A deployment with a page of its targets (device id order)."""
+
+    targets: list[TargetOut]
+    targets_limit: int
+    targets_offset: int
+
+
+class DeploymentPage(BaseModel):
+    """One page of deployments, newest first."""
+
+    items: list[DeploymentOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class BundleHistoryEntry(BaseModel):
+    """A bundle a device ran (or tried to), from which deployment, with what result."""
+
+    bundle_id: str
+    bundle_name: str | None
+    version: str
+    deployment_id: str | None
+    rollback: bool
+    result: str
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class BundleHistory(BaseModel):
+    """A device's bundle history, newest first."""
+
+    device_id: str
+    items: list[BundleHistoryEntry]

@@ -1,0 +1,1 @@
+"""The HTTP fallback for devices whose network blocks MQTT: signed heartbeats and events over HTTPS."""
