@@ -1,4 +1,5 @@
-"""The agent's persisted state: registration result, seq reservation, running bundle and config.
+"""The agent's persisted state: registration result, seq reservation, running bundle and config,
+and what it did with commands (the revision of each kind it took up, the deploy under way).
 
 One JSON file written atomically (mode 0600). The certificate and CA also live as PEM files,
 because TLS libraries take paths. A corrupt state file stops the agent instead of being reset:
@@ -15,12 +16,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kernex.agent.exceptions import StateError
 from kernex.agent.files import ensure_private_dir, write_atomic
+from kernex.protocol.commands import DeploymentStage
 from kernex.protocol.messages import BIGINT_MAX, BundleRef, RegistrationResponse
 
 STATE_FILE = "state.json"
 CERT_FILE = "device.crt"
 CA_FILE = "ca.crt"
 STATE_VERSION = 1  # bump with a migration when the layout changes
+
+
+class DeployRecord(BaseModel):
+    """A deploy command the agent took up, kept until the broker has its outcome.
+
+    Written before the installation starts (with the command's revision, in the same write), so
+    a crash can never make the agent run it again: at the next start the installer's recovery
+    settles it and the outcome is reported instead. `stage` is set (terminal) once it ended.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    command_id: str
+    revision: Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+    deployment_id: str
+    bundle_id: str
+    version: str
+    stage: DeploymentStage | None = None
+    error: str | None = None
+    output: str | None = None
+    current_version: str | None = None
 
 
 class AgentState(BaseModel):
@@ -34,6 +57,11 @@ class AgentState(BaseModel):
     seq_reserved: Annotated[int, Field(ge=0, le=BIGINT_MAX)] = 0
     bundle: BundleRef | None = None
     config_version: Annotated[int, Field(ge=0)] | None = None
+    # The applied configuration: typed settings as applied, unknown keys kept as received.
+    config: dict[str, Any] | None = None
+    # Per command kind, the highest revision taken up; lower or equal ones are never run.
+    revisions: dict[str, Annotated[int, Field(ge=0, le=BIGINT_MAX)]] = Field(default_factory=dict)
+    deploy: DeployRecord | None = None
 
 
 class StateStore:

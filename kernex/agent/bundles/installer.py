@@ -37,6 +37,7 @@ from kernex.agent.bundles.errors import (
     BundleError,
     BundleRefusedError,
     BundleStorageError,
+    DownloadError,
     ScriptError,
     VersionRefusedError,
 )
@@ -152,6 +153,9 @@ class InstallReport:
     error: str | None = None
     failed_stage: Stage | None = None
     scripts: tuple[ScriptResult, ...] = ()
+    # The bundle was refused (BundleRefusedError: a verification or safety check, an older
+    # version without rollback) rather than failing; nothing of it was installed.
+    refused: bool = False
 
     @property
     def output(self) -> str:
@@ -184,6 +188,10 @@ class BundleInstaller:
         self._max_unpacked_bytes = max_unpacked_bytes
         self._progress = progress
         self._script_grace_s = script_grace_s
+        # Limits the device's configuration sets (None: none). Read at each installation, so a
+        # config command changes them for the next one.
+        self.max_script_timeout_s: int | None = None
+        self.download_timeout_s: float | None = None
         # One installation at a time: two would race for `current` and installed.json.
         self._lock = asyncio.Lock()
 
@@ -262,12 +270,17 @@ class BundleInstaller:
             raise refused(f"the bundle is {request.size} bytes, over the {self._max_bundle_bytes}-byte limit")
         await run.emit(Stage.DOWNLOADING, size=request.size)
         try:
-            download = await self._downloader.fetch(
-                bundle_id=request.bundle_id,
-                download_path=request.download_path,
-                sha256=request.sha256,
-                size=request.size,
-            )
+            # Run in this task (no TaskGroup): the timeout cancels only the download.
+            async with asyncio.timeout(self.download_timeout_s):
+                download = await self._downloader.fetch(
+                    bundle_id=request.bundle_id,
+                    download_path=request.download_path,
+                    sha256=request.sha256,
+                    size=request.size,
+                )
+        except TimeoutError:
+            # The part stays in staging: the next attempt at this bundle resumes from it.
+            raise DownloadError(f"the download did not finish within {self.download_timeout_s:g} s") from None
         except BundleRefusedError:
             # What was downloaded is wrong, not merely incomplete: do not resume from it.
             await asyncio.to_thread(_remove_download, self._downloader, request.sha256)
@@ -402,6 +415,9 @@ class BundleInstaller:
         self, run: _Run, script: Script, phase: Phase, record: VersionRecord, previous: VersionRecord | None
     ) -> ScriptResult:
         version_dir = self.paths.version_dir(record.version)
+        cap = self.max_script_timeout_s
+        if cap is not None and script.timeout_s > cap:
+            script = script.model_copy(update={"timeout_s": cap})
         env = script_environment(
             name=record.name,
             version=record.version,
@@ -477,10 +493,11 @@ class _Run:
             error=None if error is None else str(error),
             failed_stage=None if outcome is Outcome.SUCCEEDED else self.stage,
             scripts=tuple(self.scripts),
+            refused=isinstance(error, BundleRefusedError),
         )
         detail: dict[str, Any] = {"current_version": report.current_version}
         if report.error is not None:
-            detail |= {"error": report.error, "failed_stage": report.failed_stage}
+            detail |= {"error": report.error, "failed_stage": report.failed_stage, "refused": report.refused}
         if already_installed:
             detail["already_installed"] = True
         await self.emit(Stage(outcome.value), **detail)
