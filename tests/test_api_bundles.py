@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -672,3 +673,10 @@ async def test_presigned_s3_downloads_redirect_after_authorization(
         async with httpx.AsyncClient() as plain:
             fetched = await plain.get(redirect.headers["location"])
         assert fetched.content == archive
+
+
+async def test_concurrent_duplicates_store_one(api: AuthedApi, tmp_path: Path) -> None:
+    archives = [build(tmp_path, version="5.0.0", data=os.urandom(2 * MIB)).read_bytes() for _ in range(3)]
+    responses = await asyncio.gather(*(upload(api, a) for a in archives))
+    assert sorted(r.status_code for r in responses) == [201, 409, 409], [r.text for r in responses]
+    assert len(await stored_leftovers(api)) == 1

@@ -151,11 +151,14 @@ async def _receive(
                 "signed_by": signed_by(signature),
             },
         )
-    except BaseException as exc:
+    except sa.exc.IntegrityError:
+        # The same name and version committed by a concurrent upload since the early check.
         await session.rollback()
         await _delete_object(runtime, key)
-        if isinstance(exc, sa.exc.IntegrityError):
-            raise ConflictError(f"bundle {bundle.name} {bundle.version} already exists") from None
+        raise ConflictError(f"bundle {bundle.name} {bundle.version} already exists") from None
+    except BaseException:
+        await session.rollback()
+        await _delete_object(runtime, key)
         raise
     log.info("bundle stored", bundle_id=bundle_id, name=bundle.name, version=bundle.version, size=bundle.size)
     return bundle
