@@ -9,6 +9,8 @@ from pydantic import AwareDatetime
 
 from kernex.api.auth.deps import require_viewer
 from kernex.api.bundles.runtime import KeyringDep
+from kernex.api.commands.runtime import CommandsDep
+from kernex.api.configs import service as configs
 from kernex.api.deps import PKIDep, SessionDep, SettingsDep
 from kernex.api.devices import service
 from kernex.api.devices.schemas import DeviceDetail, DevicePage, FleetStats, HeartbeatOut, HeartbeatPage
@@ -37,11 +39,15 @@ async def register_device(
     pki: PKIDep,
     settings: SettingsDep,
     release_keys: KeyringDep,
+    commands: CommandsDep,
 ) -> RegistrationResponse:
     """Register a device by CSR: 201 the first time, 200 for a key already registered."""
     result, created = await service.register(
         session, pki, settings, body, release_keys=release_keys.public_keys()
     )
+    if result.status == "active":
+        # A new device starts from the fleet's configuration defaults, when there are any.
+        await configs.ensure_fleet_defaults(session, commands, result.device_id)
     if not created:
         response.status_code = status.HTTP_200_OK
     return result
