@@ -1,17 +1,25 @@
-"""The device agent: register, hold a mutual-TLS MQTT v5 session, publish signed heartbeats.
+"""The device agent: register, hold a mutual-TLS MQTT v5 session, publish signed heartbeats,
+obey signed commands.
 
-Heartbeats are produced on a fixed schedule into the outbox whether or not the broker is
-reachable; one publisher per connection drains the outbox in order. The connection loop
-reconnects forever with backoff, announcing "online" (retained) on every connect and leaving
-"offline" as its Last Will; a clean shutdown publishes "offline" itself, because the broker
-sends the Will only when a client vanishes.
+Heartbeats are produced on a schedule (the configured interval, changed live by config commands)
+into the outbox whether or not the broker is reachable; one publisher per connection drains the
+outbox in order. The connection loop reconnects forever with backoff, announcing "online"
+(retained) on every connect and leaving "offline" as its Last Will; a clean shutdown publishes
+"offline" itself, because the broker sends the Will only when a client vanishes.
+
+Commands (retained on `commands/{kind}`, or in the answer of the HTTP fallback) are handed to
+kernex.agent.commands, which verifies them and runs them at most once: deploys in the background
+(kernex.agent.deploy), configuration live (kernex.agent.config). Their reports are signed events
+in the same outbox. When MQTT stays unreachable for `fallback_after_s`, kernex.agent.fallback
+sends the outbox over HTTPS until the broker is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +28,12 @@ import httpx
 import structlog
 
 from kernex import __version__
+from kernex.agent.bundles import BundleInstaller, Progress
+from kernex.agent.commands import CommandHandler, Source, pinned_command_keys
+from kernex.agent.config import Configurator, LiveSettings
+from kernex.agent.deploy import Deployer
+from kernex.agent.events import EventPublisher
+from kernex.agent.fallback import HttpFallback, MqttLink
 from kernex.agent.identity import Identity, load_or_create
 from kernex.agent.outbox import Outbox, OutgoingMessage
 from kernex.agent.registration import Registrar
@@ -27,12 +41,15 @@ from kernex.agent.sequence import Sequence
 from kernex.agent.settings import AgentSettings
 from kernex.agent.state import StateStore
 from kernex.agent.telemetry import Telemetry
+from kernex.agent.wakeup import Wakeup
+from kernex.kit import logs
 from kernex.kit.backoff import Backoff
 from kernex.kit.logs import get_logger
 from kernex.protocol import jws
 from kernex.protocol.exceptions import TopicError
+from kernex.protocol.keys import PublicKey
 from kernex.protocol.messages import ConnectionStatus, RegistrationResponse, format_ts, utc_now
-from kernex.protocol.topics import Topics
+from kernex.protocol.topics import Channel, Topics
 
 RECONNECT_INITIAL_S = 1.0  # the contract: reconnect backoff from 1 s ...
 RECONNECT_MAX_S = 60.0  # ... to a minute, with full jitter so a fleet does not reconnect in waves
@@ -60,6 +77,11 @@ class AgentStats:
     dropped: int
     received: int
     last_seq: int | None
+    commands_executed: int = 0  # config commands applied and deploy commands taken up
+    commands_refused: int = 0
+    deploys_executed: int = 0
+    fallback_active: bool = False
+    sent_over_http: int = 0
 
 
 def status_payload(status: ConnectionStatus) -> bytes:
@@ -78,8 +100,13 @@ class Agent:
         telemetry: Telemetry | None = None,
         reconnect_backoff: Backoff | None = None,
         registration_backoff: Backoff | None = None,
+        fallback_backoff: Backoff | None = None,
+        set_log_level: Callable[[str], None] = logs.set_level,
     ) -> None:
-        """`http` and `telemetry` may be shared between agents (the simulator runs thousands)."""
+        """`http` and `telemetry` may be shared between agents (the simulator runs thousands).
+
+        `set_log_level` applies a log level a config command sets (the process's, by default).
+        """
         self.settings = settings
         self._http = http
         self._telemetry = telemetry or Telemetry(settings.state_dir)
@@ -87,10 +114,20 @@ class Agent:
             initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S
         )
         self._registration_backoff = registration_backoff
+        self._fallback_backoff = fallback_backoff
         self._store = StateStore(settings.state_dir)
-        self._outbox = Outbox(settings.buffer_size)
+        # Rung on every queued message and connection change: the HTTP fallback's cue.
+        self._fallback_wakeup = Wakeup()
+        self._outbox = Outbox(settings.buffer_size, on_put=self._fallback_wakeup.ring)
+        # Whoever sends from the outbox (MQTT publisher or HTTP fallback) holds this: one at a time.
+        self._send_lock = asyncio.Lock()
+        self._link = MqttLink()
+        self.live = LiveSettings(settings, set_log_level=set_log_level)
         self._identity: Identity | None = None
         self._sequence: Sequence | None = None
+        self._commands: CommandHandler | None = None
+        self._deployer: Deployer | None = None
+        self._fallback: HttpFallback | None = None
         self._connected = False
         self._connects = 0
         self._published = 0
@@ -113,7 +150,17 @@ class Agent:
             dropped=self._outbox.dropped,
             received=self._received,
             last_seq=self._sequence.last if self._sequence else None,
+            commands_executed=self._commands.executed if self._commands else 0,
+            commands_refused=sum(self._commands.refused.values()) if self._commands else 0,
+            deploys_executed=self._deployer.executed if self._deployer else 0,
+            fallback_active=self._fallback.active if self._fallback else False,
+            sent_over_http=self._fallback.sent if self._fallback else 0,
         )
+
+    @property
+    def deployer(self) -> Deployer | None:
+        """The deploy command runner, once the agent runs (its installer, for tests and tools)."""
+        return self._deployer
 
     async def run(self) -> None:
         """Register, then heartbeat and stay connected until cancelled.
@@ -125,14 +172,63 @@ class Agent:
         self._identity = identity
         with structlog.contextvars.bound_contextvars(device_id=identity.device_id):
             await self._store.load()
-            registration = await self._ensure_registered(identity)
-            self._sequence = Sequence(self._store)
-            topics = Topics(registration.mqtt.topic_prefix)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._heartbeats(identity, topics, self._sequence), name="heartbeats")
-                tasks.create_task(self._stay_connected(identity, topics, registration), name="mqtt")
+            async with contextlib.AsyncExitStack() as stack:
+                http = self._http
+                if http is None:
+                    http = await stack.enter_async_context(
+                        httpx.AsyncClient(timeout=self.settings.api_timeout_s)
+                    )
+                registration = await self._ensure_registered(identity, http)
+                await self._run_registered(identity, registration, http)
 
-    async def _ensure_registered(self, identity: Identity) -> RegistrationResponse:
+    async def _run_registered(
+        self, identity: Identity, registration: RegistrationResponse, http: httpx.AsyncClient
+    ) -> None:
+        self._sequence = sequence = Sequence(self._store)
+        topics = Topics(registration.mqtt.topic_prefix)
+        events = EventPublisher(identity, topics.events(identity.device_id), sequence, self._outbox)
+        configurator = Configurator(self._store, self.live, events)
+        # Before the first heartbeat: it runs at the configured interval and says the config version.
+        configurator.restore()
+
+        def installer_for(progress: Progress) -> BundleInstaller:
+            return BundleInstaller.for_agent(self.settings, identity, registration, http, progress=progress)
+
+        self._deployer = Deployer(self._store, installer_for, events, self.live)
+        pinned = _pinned_keys(registration)
+        self._commands = commands = CommandHandler(
+            device_id=identity.device_id,
+            pinned=pinned,
+            store=self._store,
+            deployer=self._deployer,
+            configurator=configurator,
+        )
+        self._link.down_since = asyncio.get_running_loop().time()
+        self._fallback = HttpFallback(
+            http=http,
+            api_url=self.settings.api_url,
+            identity=identity,
+            outbox=self._outbox,
+            link=self._link,
+            send_lock=self._send_lock,
+            commands=commands,
+            live=self.live,
+            after_s=self.settings.fallback_after_s,
+            heartbeat_topic=topics.heartbeat(identity.device_id),
+            events_topic=topics.events(identity.device_id),
+            wakeup=self._fallback_wakeup,
+            backoff=self._fallback_backoff,
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._heartbeats(identity, topics, sequence), name="heartbeats")
+            tasks.create_task(self._stay_connected(identity, topics, registration, commands), name="mqtt")
+            tasks.create_task(commands.run(), name="commands")
+            if self.settings.fallback_after_s > 0:
+                tasks.create_task(self._fallback.run(), name="http-fallback")
+
+    async def _ensure_registered(
+        self, identity: Identity, http: httpx.AsyncClient | None = None
+    ) -> RegistrationResponse:
         stored = self._store.state.registration
         if (
             stored is not None
@@ -143,11 +239,11 @@ class Agent:
             # The certificate is what the broker checks; the API need not be reachable to run.
             log.info("using stored registration", mqtt_host=stored.mqtt.host, mqtt_port=stored.mqtt.port)
             return stored
-        if self._http is not None:
-            registration = await self._register(self._http, identity)
+        if http is not None:
+            registration = await self._register(http, identity)
         else:
-            async with httpx.AsyncClient(timeout=self.settings.api_timeout_s) as http:
-                registration = await self._register(http, identity)
+            async with httpx.AsyncClient(timeout=self.settings.api_timeout_s) as own:
+                registration = await self._register(own, identity)
         await self._store.save_registration(registration)
         return registration
 
@@ -161,17 +257,22 @@ class Agent:
 
     async def _heartbeats(self, identity: Identity, topics: Topics, sequence: Sequence) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.settings.heartbeat_interval_s
+        live = self.live
         topic = topics.heartbeat(identity.device_id)
         next_at = loop.time()
         while True:
             self._outbox.put(await self._heartbeat(identity, topic, sequence))
-            next_at += interval
+            beat_at = next_at
+            next_at = beat_at + live.heartbeat_interval_s
             now = loop.time()
             if next_at < now:
                 # Fell behind (host suspended, loop starved): skip the missed beats, no burst.
-                next_at = now + interval
-            await asyncio.sleep(next_at - now)
+                next_at = now + live.heartbeat_interval_s
+            while (delay := next_at - loop.time()) > 0:
+                if await live.interval_changed.wait(delay):
+                    # A config command changed the interval: it counts from the last beat, so
+                    # a shorter one may be due at once.
+                    next_at = beat_at + live.heartbeat_interval_s
 
     async def _heartbeat(self, identity: Identity, topic: str, sequence: Sequence) -> OutgoingMessage:
         metrics = await self._telemetry.sample()
@@ -193,14 +294,14 @@ class Agent:
     # --- the connection --------------------------------------------------------------------
 
     async def _stay_connected(
-        self, identity: Identity, topics: Topics, registration: RegistrationResponse
+        self, identity: Identity, topics: Topics, registration: RegistrationResponse, commands: CommandHandler
     ) -> None:
         loop = asyncio.get_running_loop()
         backoff = self._reconnect_backoff
         while True:
             started = loop.time()
             try:
-                await self._session(self._client(identity, topics, registration), identity, topics)
+                await self._session(self._client(identity, topics, registration), identity, topics, commands)
             except aiomqtt.MqttError as exc:
                 # Leaving a cancelled session, aiomqtt's disconnect can fail (broker gone, DISCONNECT
                 # timed out): that error must not hide the cancellation, or the agent reconnects.
@@ -245,11 +346,13 @@ class Agent:
             timeout=MQTT_TIMEOUT_S,
         )
 
-    async def _session(self, client: aiomqtt.Client, identity: Identity, topics: Topics) -> None:
+    async def _session(
+        self, client: aiomqtt.Client, identity: Identity, topics: Topics, commands: CommandHandler
+    ) -> None:
         status_topic = topics.status(identity.device_id)
         async with client:
             _raise_if_cancelled()
-            self._connected = True
+            self._set_connected(connected=True)
             self._connects += 1
             log.info("connected to broker", buffered=len(self._outbox))
             try:
@@ -261,13 +364,24 @@ class Agent:
                 await client.subscribe(topics.commands_filter(identity.device_id), qos=QOS_AT_LEAST_ONCE)
                 _raise_if_cancelled()
                 # Both run until the connection drops, which ends them with MqttError.
-                await _until_first_exits(self._drain_outbox(client), self._receive(client, topics))
+                await _until_first_exits(
+                    self._drain_outbox(client), self._receive(client, topics, identity.device_id, commands)
+                )
             except asyncio.CancelledError:
-                self._connected = False
+                self._set_connected(connected=False)
                 await self._say_offline(client, status_topic)
                 raise
             finally:
-                self._connected = False
+                self._set_connected(connected=False)
+
+    def _set_connected(self, *, connected: bool) -> None:
+        if connected == self._connected:
+            return
+        self._connected = connected
+        self._link.connected = connected
+        if not connected:
+            self._link.down_since = asyncio.get_running_loop().time()
+        self._fallback_wakeup.ring()
 
     async def _say_offline(self, client: aiomqtt.Client, status_topic: str) -> None:
         try:
@@ -286,38 +400,68 @@ class Agent:
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
         while True:
-            message = await self._outbox.get()
-            try:
-                await client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-            except BaseException:
-                # Not acknowledged: keep it (first in line) for the next connection.
-                self._outbox.put_back(message)
-                raise
-            self._published += 1
+            # Held from taking a message to its PUBACK: the HTTP fallback, finishing a request
+            # as the broker comes back, never sends out of turn.
+            async with self._send_lock:
+                message = await self._outbox.get()
+                try:
+                    await client.publish(
+                        message.topic, message.payload, qos=message.qos, retain=message.retain
+                    )
+                except BaseException:
+                    # Not acknowledged: keep it (first in line) for the next connection.
+                    self._outbox.put_back(message)
+                    raise
+                self._published += 1
+                message.delivered()
             _raise_if_cancelled()
 
-    async def _receive(self, client: aiomqtt.Client, topics: Topics) -> None:
+    async def _receive(
+        self, client: aiomqtt.Client, topics: Topics, device_id: str, commands: CommandHandler
+    ) -> None:
         # Ends by raising MqttError when the connection drops, which ends the session.
         async for message in client.messages:
             self._received += 1
-            self._on_message(message, topics)
+            self._on_message(message, topics, device_id, commands)
 
-    def _on_message(self, message: aiomqtt.Message, topics: Topics) -> None:
-        """The command extension point: verifying and executing commands hooks in here."""
+    def _on_message(
+        self, message: aiomqtt.Message, topics: Topics, device_id: str, commands: CommandHandler
+    ) -> None:
+        """Hand a command to the command handler (which verifies it in its own task)."""
         topic = message.topic.value
         try:
             parsed = topics.parse(topic)
         except TopicError as exc:
             log.warning("message on an unexpected topic ignored", topic=topic, error=str(exc))
             return
-        payload = message.payload
+        if parsed.channel is not Channel.COMMANDS or parsed.device_id != device_id:
+            log.warning("message on an unexpected topic ignored", topic=topic)
+            return
+        payload = _payload_bytes(message.payload)
         log.debug(
             "command received",
             topic=topic,
             kind=parsed.command_kind.value if parsed.command_kind else None,
             retained=message.retain,
-            size=len(payload) if isinstance(payload, bytes | bytearray | str) else None,
+            size=len(payload),
         )
+        commands.submit(parsed.command_kind, payload, Source.MQTT)
+
+
+def _payload_bytes(payload: object) -> bytes:
+    """aiomqtt types payloads loosely; on the wire they are bytes (empty: a cleared retained message)."""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return b"" if payload is None else str(payload).encode("utf-8")
+
+
+def _pinned_keys(registration: RegistrationResponse) -> Mapping[str, PublicKey]:
+    pinned = pinned_command_keys(registration.command_keys)
+    if not pinned:
+        log.warning("no control-plane key pinned at registration: every command will be refused")
+    return pinned
 
 
 def _raise_if_cancelled() -> None:

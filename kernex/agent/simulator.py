@@ -2,6 +2,11 @@
 
 Used by `kernex simulate` and `kernex up --devices N`. The per-device cost is one Agent (a few
 tasks, an MQTT socket); the HTTP connection pool and the host metrics sampler are shared.
+
+Simulated devices obey commands like real ones: they install bundles (scripts run for real, in
+each device's own state dir) and apply configuration. Their device type is `simulated` unless
+set, so only bundles built for "*" or for "simulated" install on them, never a bundle meant for
+the host's real hardware. A config command's log level applies to the whole process.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from kernex.kit.logs import get_logger
 
 DEVICE_DIR_PREFIX = "device-"
 DEFAULT_NAME_PREFIX = "sim"
+SIMULATED_DEVICE_TYPE = "simulated"  # matches bundles for "*" (or "simulated"), not the host's machine
 # Registration bursts reuse a bounded pool instead of opening a socket per simulated device.
 HTTP_MAX_CONNECTIONS = 50
 
@@ -48,11 +54,15 @@ class Simulator:
         self.failures: list[AgentError] = []
 
     def device_settings(self, index: int) -> AgentSettings:
-        """Settings of simulated device `index`: its own state dir and a numbered name."""
+        """Settings of simulated device `index`: its own state dir, a numbered name, a harmless type."""
         prefix = self.settings.name or DEFAULT_NAME_PREFIX
-        return self.settings.model_copy(
-            update={"state_dir": device_dir(self.settings.state_dir, index), "name": f"{prefix}-{index:04d}"}
-        )
+        update: dict[str, object] = {
+            "state_dir": device_dir(self.settings.state_dir, index),
+            "name": f"{prefix}-{index:04d}",
+        }
+        if "device_type" not in self.settings.model_fields_set:
+            update["device_type"] = SIMULATED_DEVICE_TYPE
+        return self.settings.model_copy(update=update)
 
     async def run(self) -> None:
         """Run every device until cancelled; raises the first error if every device stopped on one."""
