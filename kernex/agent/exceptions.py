@@ -30,3 +30,7 @@ class DeviceRefusedError(RegistrationError):
 
 class IdentityMismatchError(RegistrationError):
     """The control plane named a different device id than our key derives: never trust that answer."""
+
+
+class IncompatibleServerError(RegistrationError):
+    """The control plane speaks a protocol version this agent cannot work with (see the message)."""

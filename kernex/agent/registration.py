@@ -16,12 +16,18 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from kernex.agent.exceptions import DeviceRefusedError, IdentityMismatchError, RegistrationError
+from kernex.agent.exceptions import (
+    DeviceRefusedError,
+    IdentityMismatchError,
+    IncompatibleServerError,
+    RegistrationError,
+)
 from kernex.agent.identity import Identity
 from kernex.kit.backoff import Backoff
 from kernex.kit.logs import get_logger
 from kernex.protocol.keys import build_csr
 from kernex.protocol.messages import RegistrationRequest, RegistrationResponse
+from kernex.protocol.version import IncompatibleVersionError, check_server
 
 REGISTER_PATH = "/api/v1/devices/register"
 RETRY_INITIAL_S = 1.0  # the contract: backoff from 1 s ...
@@ -126,6 +132,11 @@ class Registrar:
             raise IdentityMismatchError(
                 f"the control plane answered for device {response.device_id!r}, but our key is {device_id!r}"
             )
+        try:
+            check_server(response.protocol_version, response.min_protocol_version)
+        except IncompatibleVersionError as exc:
+            # Retrying cannot help: one side must be upgraded first.
+            raise IncompatibleServerError(f"registration refused by this agent: {exc}") from None
         if response.status == "active" and not response.certificate:
             raise _TransientError("an active registration came without a certificate")
         return response

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kernex.cli import agent, broker, bundle, server, users
+from kernex.cli import agent, agent_ops, broker, bundle, server, users
 
 app = typer.Typer(
     name="kernex",
@@ -12,7 +12,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(agent.app, name="agent", help="Run the device agent.")
+agent_ops.register(agent.app)
+app.add_typer(agent.app, name="agent", help="Run, check, install and inspect the device agent.")
 app.command("simulate", help="Run N simulated devices (real keys, real mTLS) in one process.")(agent.simulate)
 app.add_typer(broker.pki_app, name="pki", help="Manage the fleet PKI.")
 app.add_typer(broker.broker_app, name="broker", help="Render and run the Mosquitto broker.")

@@ -1,7 +1,8 @@
 """Message schemas of the wire contract (DESIGN.md "Message format").
 
 Unknown fields are ignored so an older server accepts a newer agent's additions; every number is
-bounded so a hostile payload cannot overflow a database column.
+bounded so a hostile payload cannot overflow a database column. Signed messages and registration
+answers state their protocol version (kernex.protocol.version); without it they are version 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from kernex.protocol.exceptions import MessageError
+from kernex.protocol.version import LEGACY_PROTOCOL_VERSION, Version
 
 BIGINT_MAX = 2**63 - 1  # Postgres BIGINT: seq, revisions and counters must fit
 ID_MAX_LEN = 128
@@ -53,6 +55,8 @@ class Heartbeat(_Message):
     bundle: BundleRef | None = None
     config_version: Annotated[int, Field(ge=0, le=BIGINT_MAX)] | None = None
     agent_version: Annotated[str, Field(max_length=SHORT_TEXT)] = ""
+    # The protocol version the agent speaks (kernex.protocol.version); absent from older agents.
+    v: Version = LEGACY_PROTOCOL_VERSION
 
 
 class Event(_Message):
@@ -63,6 +67,8 @@ class Event(_Message):
     ts: AwareDatetime
     type: Annotated[str, Field(min_length=1, max_length=SHORT_TEXT)]
     data: dict[str, Any] = Field(default_factory=dict)
+    # The protocol version the agent speaks (kernex.protocol.version); absent from older agents.
+    v: Version = LEGACY_PROTOCOL_VERSION
 
 
 class ConnectionStatus(StrEnum):
@@ -89,6 +95,7 @@ class RejectReason(StrEnum):
     MALFORMED = "malformed"
     TOO_LARGE = "too_large"
     CLOCK_SKEW = "clock_skew"
+    UNSUPPORTED_VERSION = "unsupported_version"
 
 
 def parse_heartbeat(payload: bytes) -> Heartbeat:
@@ -168,3 +175,7 @@ class RegistrationResponse(BaseModel):
     command_keys: list[CommandKey]
     # Keys that sign bundle releases; agents verify every bundle against these before extracting.
     release_keys: list[CommandKey] = Field(default_factory=list)
+    # The server's protocol version and the oldest agent protocol it accepts; absent from older
+    # servers, which spoke version 1 (kernex.protocol.version.check_server decides).
+    protocol_version: Version = LEGACY_PROTOCOL_VERSION
+    min_protocol_version: Version = LEGACY_PROTOCOL_VERSION

@@ -21,6 +21,7 @@ from kernex.protocol import jws
 from kernex.protocol.exceptions import MessageError, ProtocolError, SignatureError
 from kernex.protocol.keys import PublicKey
 from kernex.protocol.messages import Event, Heartbeat, RejectReason, parse_event, parse_heartbeat
+from kernex.protocol.version import unsupported_message_version
 
 # Event data is free-form JSON stored as JSONB: numbers must survive the trip through Python's
 # json and Postgres, and consumers (the dashboard's JavaScript) read them as 64-bit values.
@@ -64,8 +65,8 @@ def verify_signed(
 
     `public_key` is the device's registered key, None when the stored key does not load (then
     nothing from the device can verify). The checks run in a fixed order, so a message failing
-    several is always counted under the same reason: kid, signature, typ, schema, claims device
-    id, storability, clock.
+    several is always counted under the same reason: kid, signature, typ, schema, protocol
+    version, claims device id, storability, clock.
     """
     payload = _verified_payload(token, device_id, public_key, kind)
     try:
@@ -74,6 +75,9 @@ def verify_signed(
         )
     except MessageError as exc:
         raise MessageRejected(RejectReason.MALFORMED, str(exc)) from None
+    unsupported = unsupported_message_version(claims.v)
+    if unsupported is not None:
+        raise MessageRejected(RejectReason.UNSUPPORTED_VERSION, unsupported)
     if claims.device_id != device_id:
         raise MessageRejected(RejectReason.TOPIC_MISMATCH, "claims device_id is not the topic's device id")
     problem = unstorable(claims)

@@ -23,6 +23,7 @@ from kernex.protocol.keys import (
     public_key_to_pem,
 )
 from kernex.protocol.messages import CommandKey, MqttEndpoint, RegistrationRequest, RegistrationResponse
+from kernex.protocol.version import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from kernex.storage.models import AdmissionState, ConnectionState, Deployment, Device, Heartbeat
 
 log = get_logger(__name__)
@@ -96,6 +97,8 @@ async def register(
             CommandKey(kid=pki.command_key_id, alg="ES256", public_key_pem=pki.command_public_key_pem)
         ],
         release_keys=list(release_keys),
+        protocol_version=PROTOCOL_VERSION,
+        min_protocol_version=MIN_PROTOCOL_VERSION,
     )
     return response, created
 
