@@ -231,7 +231,7 @@ async def test_refusals_name_the_problem(pg_fleet: Fleet) -> None:
     no_match = await fleet.api.client.post(
         "/api/v1/deployments", json={"bundle_id": bundle["id"], "tags": ["nowhere"]}, headers=fleet.operator
     )
-    assert (no_match.status_code, no_match.json()["error"]["code"]) == (422, "no_targets")
+    assert (no_match.status_code, no_match.json()["error"]["code"]) == (404, "no_targets")
     viewer = await fleet.api.client.post(
         "/api/v1/deployments",
         json={"bundle_id": bundle["id"], "device_ids": [device.device_id]},

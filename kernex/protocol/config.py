@@ -12,27 +12,49 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, model_validator
 
 from kernex.protocol.commands import CONFIG_VALUES_MAX_BYTES
 
 HEARTBEAT_INTERVAL_MAX_S = 86_400  # a day: beyond it the liveness sweeper could not tell dead from quiet
 TIMEOUT_MAX_S = 86_400
 EXTRA_MAX_KEYS = 64
-EXTRA_VALUE_MAX_CHARS = 1024
+EXTRA_VALUE_MAX_CHARS = 512  # 64 keys of this stay well inside a config command's 64 KiB
 # Built-in defaults, the same as the agent's own (kernex.agent.settings).
 DEFAULT_HEARTBEAT_INTERVAL_S = 60
 DEFAULT_DOWNLOAD_TIMEOUT_S = 1800  # a large bundle over a slow cellular link
 DEFAULT_INSTALL_TIMEOUT_S = 600  # upper bound for a bundle's install script (manifests may ask for less)
 DEFAULT_API_TIMEOUT_S = 30
 
-ExtraKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+EXTRA_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+ExtraKey = Annotated[str, StringConstraints(pattern=EXTRA_KEY_PATTERN)]
 ExtraValue = (
     Annotated[str, StringConstraints(max_length=EXTRA_VALUE_MAX_CHARS)]
     | bool
     | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
     | Annotated[float, Field(allow_inf_nan=False)]
 )
+# Written out, because pydantic's own schema for constrained keys (patternProperties) would let any
+# other key through with any value: clients generating requests from the schema need the real rule.
+Extra = Annotated[
+    dict[ExtraKey, ExtraValue],
+    Field(max_length=EXTRA_MAX_KEYS),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": EXTRA_MAX_KEYS,
+            "propertyNames": {"pattern": EXTRA_KEY_PATTERN},
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "string", "maxLength": EXTRA_VALUE_MAX_CHARS},
+                    {"type": "boolean"},
+                    {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                    {"type": "number"},
+                ]
+            },
+        }
+    ),
+]
 HeartbeatInterval = Annotated[int, Field(ge=1, le=HEARTBEAT_INTERVAL_MAX_S)]
 Timeout = Annotated[int, Field(ge=1, le=TIMEOUT_MAX_S)]
 
@@ -56,7 +78,7 @@ class SettingsOverrides(BaseModel):
     download_timeout_s: Timeout | None = None
     install_timeout_s: Timeout | None = None
     api_timeout_s: Timeout | None = None
-    extra: Annotated[dict[ExtraKey, ExtraValue], Field(max_length=EXTRA_MAX_KEYS)] | None = Field(
+    extra: Extra | None = Field(
         default=None, description=f"Free-form settings: up to {EXTRA_MAX_KEYS} keys, scalar values"
     )
 
@@ -78,7 +100,7 @@ class DeviceSettings(BaseModel):
     download_timeout_s: Timeout = DEFAULT_DOWNLOAD_TIMEOUT_S
     install_timeout_s: Timeout = DEFAULT_INSTALL_TIMEOUT_S
     api_timeout_s: Timeout = DEFAULT_API_TIMEOUT_S
-    extra: dict[ExtraKey, ExtraValue] = Field(default_factory=dict)
+    extra: Extra = Field(default_factory=dict)
 
 
 def merge(*layers: SettingsOverrides) -> DeviceSettings:

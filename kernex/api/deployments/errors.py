@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from kernex.api.errors import ApiError, ConflictError
+from kernex.api.errors import ApiError, ConflictError, NotFoundError
 
 
 class BundleGoneError(ApiError):
@@ -14,10 +14,9 @@ class BundleGoneError(ApiError):
     code = "bundle_gone"
 
 
-class NoTargetsError(ApiError):
-    """The selection names no device that could take the deployment."""
+class NoTargetsError(NotFoundError):
+    """No active device carries all of the tags the deployment selects by."""
 
-    status_code = HTTPStatus.UNPROCESSABLE_ENTITY
     code = "no_targets"
 
 

@@ -40,10 +40,9 @@ TargetsOffset = Annotated[int, Query(ge=0, le=10_000_000)]
     status_code=status.HTTP_201_CREATED,
     operation_id="createDeployment",
     responses={
-        404: {"description": "No such bundle or device"},
+        404: {"description": "No such bundle or device, or no active device carries the tags"},
         409: {"description": "A device has a deployment in progress (named); pass supersede: true"},
         410: {"description": "The bundle's archive is gone from the store or quarantined"},
-        422: {"description": "Invalid body, or the tags select no device"},
     },
 )
 async def create_deployment(

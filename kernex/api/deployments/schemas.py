@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -16,10 +16,22 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
+def _one_selector_schema(schema: dict[str, Any]) -> None:
+    # The schema says what the validator enforces: exactly one of the two selectors, not null.
+    properties = schema["properties"]
+    for name in ("device_ids", "tags"):
+        prop = properties[name]
+        variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
+        if variants:
+            prop.update(variants[0])
+        prop.pop("default", None)
+    schema["oneOf"] = [{"required": ["device_ids"]}, {"required": ["tags"]}]
+
+
 class DeploymentCreate(BaseModel):
     """Deploy a bundle to devices named by id, or to every active device carrying all the tags."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_selector_schema)
 
     bundle_id: Id
     device_ids: Annotated[list[Id], Field(min_length=1, max_length=MAX_TARGETS)] | None = None
