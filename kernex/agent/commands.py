@@ -1,13 +1,14 @@
 """Signed commands, from MQTT (retained, `commands/{kind}`) or from the HTTP fallback's answer.
 
 Every command goes through the same gate, in this order: an empty payload is a retained command
-being cleared (nothing to do); the JWS must be signed by a control-plane key pinned at
-registration, addressed to this device and not expired (kernex.protocol.commands.verify_command);
-its kind must be the topic's; its revision must be above the last one of its kind this device
-took up. Every refusal is logged with its reason. A deploy command that passes the gate but is
-refused by the device (an older version without `rollback`, a bundle that fails verification)
-is reported as a `deployment` event with stage `refused`; the others cannot be reported on
-trustworthily (their claims are not known to be the platform's).
+being withdrawn (nothing to execute; a deploy command still waiting is dropped); the JWS must be
+signed by a control-plane key pinned at registration, addressed to this device and not expired
+(kernex.protocol.commands.verify_command); its kind must be the topic's; its revision must be
+above the last one of its kind this device took up. Every refusal is logged with its reason. A
+deploy command that passes the gate but is refused by the device (an older version without
+`rollback`, a bundle that fails verification) is reported as a `deployment` event with stage
+`refused`; the others cannot be reported on trustworthily (their claims are not known to be
+the platform's).
 
 Messages are queued by the receiver and handled in this module's own task, so a slow state
 write never holds up the MQTT connection. Handling starts once the deployer has recovered what
@@ -116,10 +117,6 @@ class CommandHandler:
 
     def submit(self, kind: CommandKind | None, payload: bytes, source: Source) -> None:
         """Queue a received command (never blocks); `kind` is the topic's, None from the HTTP fallback."""
-        if not payload:
-            # An empty retained message: the platform cleared the command. Nothing to execute.
-            log.debug("retained command cleared", kind=kind.value if kind else None)
-            return
         if self._inbox.full():
             dropped = self._inbox.get_nowait()
             log.warning("command backlog full: dropped the oldest", kind=dropped[0], source=dropped[2])
@@ -139,6 +136,12 @@ class CommandHandler:
 
     async def handle(self, kind: CommandKind | None, payload: bytes, source: Source) -> None:
         """Verify one command and execute it (config) or queue it (deploy)."""
+        if not payload:
+            # An empty retained message: the platform withdrew the command (a cancelled deployment).
+            log.info("command withdrawn", kind=kind.value if kind else None)
+            if kind is CommandKind.DEPLOY:
+                self._deployer.withdraw()
+            return
         command = self._verify(kind, payload, source)
         if command is None:
             return

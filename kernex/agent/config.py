@@ -2,8 +2,9 @@
 
 A new heartbeat interval takes effect at the next tick, a log level at once, timeouts with the
 next installation; nothing needs a restart. Unknown keys are kept (persisted) but not used, so
-an older agent carries a newer platform's settings without choking on them. A value that does
-not validate is not applied (the previous one stays) and the `config_applied` event says which.
+an older agent carries a newer platform's settings without choking on them. A configuration
+with a value that does not validate is not applied at all: the previous settings (and config
+version) stay, and the `config_applied` event says which values were wrong (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -42,46 +43,35 @@ class LiveSettings:
         self.interval_changed = Wakeup()
         self._set_log_level = set_log_level
 
-    def apply(self, settings: DeviceSettings, *, keep: frozenset[str] = frozenset()) -> None:
-        """Take the settings (but those named in `keep`, which stay as they are) into effect."""
-        if "heartbeat_interval_s" not in keep:
-            interval = float(settings.heartbeat_interval_s)
-            if interval != self.heartbeat_interval_s:
-                log.info("heartbeat interval changed", interval_s=interval, was_s=self.heartbeat_interval_s)
-                self.heartbeat_interval_s = interval
-                self.interval_changed.ring()
-        if "log_level" not in keep and settings.log_level.value != self.log_level:
+    def apply(self, settings: DeviceSettings) -> None:
+        """Take the settings into effect."""
+        interval = float(settings.heartbeat_interval_s)
+        if interval != self.heartbeat_interval_s:
+            log.info("heartbeat interval changed", interval_s=interval, was_s=self.heartbeat_interval_s)
+            self.heartbeat_interval_s = interval
+            self.interval_changed.ring()
+        if settings.log_level.value != self.log_level:
             self._set_log_level(settings.log_level.value)
             log.info("log level changed", log_level=settings.log_level.value, was=self.log_level)
             self.log_level = settings.log_level.value
-        if "install_timeout_s" not in keep:
-            self.install_timeout_s = settings.install_timeout_s
-        if "download_timeout_s" not in keep:
-            self.download_timeout_s = settings.download_timeout_s
-        if "api_timeout_s" not in keep:
-            self.api_timeout_s = float(settings.api_timeout_s)
-        if "extra" not in keep:
-            self.extra = dict(settings.extra)
+        self.install_timeout_s = settings.install_timeout_s
+        self.download_timeout_s = settings.download_timeout_s
+        self.api_timeout_s = float(settings.api_timeout_s)
+        self.extra = dict(settings.extra)
 
 
 class Resolved:
-    """A config's values checked against DeviceSettings."""
+    """A config's values checked against DeviceSettings: all of them apply, or none."""
 
-    def __init__(self, values: Mapping[str, Any], previous: Mapping[str, Any] | None) -> None:
+    def __init__(self, values: Mapping[str, Any]) -> None:
         self.invalid: dict[str, str] = {}
         try:
             self.settings: DeviceSettings | None = DeviceSettings.model_validate(dict(values))
         except ValidationError as exc:
+            self.settings = None
             for error in exc.errors():
-                key = str(error["loc"][0]) if error["loc"] else "values"
+                key = ".".join(str(part) for part in error["loc"]) or "values"
                 self.invalid.setdefault(key, error["msg"])
-            # The valid values apply; an invalid one keeps what was applied before.
-            kept = {k: previous[k] for k in self.invalid if previous is not None and k in previous}
-            usable = {k: v for k, v in values.items() if k not in self.invalid} | kept
-            try:
-                self.settings = DeviceSettings.model_validate(usable)
-            except ValidationError:
-                self.settings = None
         unknown = {k: v for k, v in values.items() if k not in DeviceSettings.model_fields}
         typed = self.settings.model_dump(mode="json") if self.settings is not None else {}
         # What is persisted: the typed settings as applied, unknown keys as received.
@@ -89,16 +79,11 @@ class Resolved:
 
     @property
     def error(self) -> str | None:
-        """What the config_applied event reports, or None when every value applied."""
-        if self.settings is None:
-            text = "configuration refused: " + "; ".join(f"{k}: {m}" for k, m in self.invalid.items())
-        elif self.invalid:
-            text = "invalid values not applied (previous values kept): " + "; ".join(
-                f"{k}: {m}" for k, m in self.invalid.items()
-            )
-        else:
+        """What the config_applied event reports, or None when the configuration applied."""
+        if self.settings is not None:
             return None
-        return text[:ERROR_MAX_CHARS]
+        details = "; ".join(f"{key}: {message}" for key, message in self.invalid.items())
+        return f"configuration not applied (the previous one stays): {details}"[:ERROR_MAX_CHARS]
 
 
 class Configurator:
@@ -114,13 +99,13 @@ class Configurator:
         stored = self._store.state.config
         if stored is None:
             return
-        resolved = Resolved(stored, None)
+        resolved = Resolved(stored)
         if resolved.settings is None:
             log.error(
                 "the stored configuration does not validate: using the local settings", error=resolved.error
             )
             return
-        self._live.apply(resolved.settings, keep=frozenset(resolved.invalid))
+        self._live.apply(resolved.settings)
         log.info("configuration restored", config_version=self._store.state.config_version)
 
     async def apply(self, command: Command) -> None:
@@ -129,16 +114,16 @@ class Configurator:
         if body is None:  # Command guarantees the body matching its kind
             raise ValueError("a config command without a config body")
         state = self._store.state
-        resolved = Resolved(body.values, state.config)
+        resolved = Resolved(body.values)
         revisions = {**state.revisions, CommandKind.CONFIG.value: command.revision}
         if resolved.settings is None:
-            # Nothing applies; the revision is still used up so the command is not retried forever.
+            # Nothing applies; the revision is still used up: the same values would fail again.
             await self._store.update(revisions=revisions)
         else:
             await self._store.update(
                 revisions=revisions, config=resolved.persisted, config_version=body.version
             )
-            self._live.apply(resolved.settings, keep=frozenset(resolved.invalid))
+            self._live.apply(resolved.settings)
         log.info(
             "config command executed",
             command_id=command.command_id,

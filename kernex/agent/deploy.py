@@ -8,8 +8,10 @@ running the command again. The record keeps the outcome until the platform ackno
 terminal event; an agent restarted before that sends it once more (the platform keeps the
 first terminal report of a deployment and ignores a repeat).
 
-While an installation runs, a newer deploy command waits (only the newest one); the MQTT
-connection, heartbeats and config commands carry on.
+While an installation runs, a newer deploy command waits (only the newest one) until it ends:
+an installation is never abandoned half way, so every command gets exactly one terminal report.
+The MQTT connection, heartbeats and config commands carry on meanwhile. A command withdrawn (an
+empty retained message) before it started is dropped.
 """
 
 from __future__ import annotations
@@ -130,6 +132,12 @@ class Deployer:
         self._queued = command
         self._wake.ring()
         return True
+
+    def withdraw(self) -> None:
+        """The platform withdrew its deploy command: drop the one waiting, if any (a running one runs on)."""
+        if self._queued is not None:
+            log.info("a deploy command was withdrawn before it started", command_id=self._queued.command_id)
+            self._queued = None
 
     async def recover(self) -> None:
         """Settle what a previous run left (call once at start, before any command runs)."""
