@@ -87,6 +87,12 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("PUT", "/api/v1/config/defaults"): Access.OPERATOR,
     ("POST", "/api/v1/devices/{device_id}/heartbeat"): Access.DEVICE_SELF,
     ("POST", "/api/v1/devices/{device_id}/events"): Access.DEVICE_SELF,
+    # The dashboard's page and assets are public (the page asks for a login); its data is not.
+    ("GET", "/"): Access.PUBLIC,
+    ("GET", "/ui"): Access.PUBLIC,
+    ("GET", "/ui/"): Access.PUBLIC,
+    ("GET", "/ui/assets/{digest}/{name:path}"): Access.PUBLIC,
+    ("GET", "/api/v1/events/stream"): Access.VIEWER,
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # Starlette adds HEAD to every GET; CORS answers OPTIONS

@@ -17,6 +17,7 @@ from kernex.api.auth import routes as auth
 from kernex.api.broker_link import BrokerLink
 from kernex.api.bundles import routes as bundles
 from kernex.api.configs import routes as configs
+from kernex.api.dashboard.routes import install_dashboard
 from kernex.api.deployments import routes as deployments
 from kernex.api.devices import routes as devices
 from kernex.api.docs.routes import install_docs
@@ -109,4 +110,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ):
         # Every API route documents the error shape of each status it may answer with.
         app.include_router(router, responses=ERROR_RESPONSES)
+    # The web dashboard at /ui and its live events stream (after the routers whose lifespans it needs).
+    install_dashboard(app)
     return app
