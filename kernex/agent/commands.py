@@ -114,6 +114,7 @@ class CommandHandler:
         self._inbox: asyncio.Queue[tuple[CommandKind | None, bytes, Source]] = asyncio.Queue(INBOX_SIZE)
         self.refused: dict[Refusal, int] = dict.fromkeys(Refusal, 0)  # counters, for tests and status
         self.executed = 0  # config commands applied plus deploy commands queued
+        self.handled = 0  # messages handled, whatever came of them
 
     def submit(self, kind: CommandKind | None, payload: bytes, source: Source) -> None:
         """Queue a received command (never blocks); `kind` is the topic's, None from the HTTP fallback."""
@@ -133,6 +134,7 @@ class CommandHandler:
         while True:
             kind, payload, source = await self._inbox.get()
             await self.handle(kind, payload, source)
+            self.handled += 1
 
     async def handle(self, kind: CommandKind | None, payload: bytes, source: Source) -> None:
         """Verify one command and execute it (config) or queue it (deploy)."""
