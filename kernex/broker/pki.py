@@ -321,6 +321,27 @@ class FleetPKI:
         """The JWS `kid` of release signatures: "rel-" and 64 bits of the key's SPKI SHA-256."""
         return release_key_id(self.release_signing_key().public_key())
 
+    # --- custody -----------------------------------------------------------------------------
+
+    @property
+    def custody_paths(self) -> tuple[Path, ...]:
+        """The files a backup must keep: the CA certificate and the passphrase-encrypted keys.
+
+        The broker and service certificates are left out on purpose: their keys are unencrypted
+        (Mosquitto and paho read them as they are), and `init()` reissues them from the CA.
+        """
+        return (self.ca_cert_path, self.ca_key_path, self.command_key_path, self.release_key_path)
+
+    def check_keys(self) -> None:
+        """Decrypt the CA, command-signing and release keys; PKIError says which one fails and why.
+
+        An unencrypted key is refused like everywhere else: a backup or restore must never
+        spread one.
+        """
+        self._load_ca()
+        self.command_signing_key()
+        self.release_signing_key()
+
     # --- TLS ---------------------------------------------------------------------------------
 
     def client_ssl_context(self, identity: str = INGEST_IDENTITY) -> ssl.SSLContext:

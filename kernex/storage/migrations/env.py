@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
@@ -12,6 +13,10 @@ from kernex.storage import models
 from kernex.storage.database import create_engine
 
 target_metadata = SQLModel.metadata
+# `kernex db upgrade` runs on every start, possibly in several processes at once: on PostgreSQL
+# they take this transaction-level advisory lock, so one migrates and the others wait, then find
+# the schema current. (An arbitrary constant: "kernex" in ASCII.)
+MIGRATION_LOCK_KEY = 0x6B65726E6578
 assert models.Device.__tablename__  # importing models registers every table on the metadata
 
 
@@ -24,6 +29,8 @@ def _run(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 
