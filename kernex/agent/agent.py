@@ -248,8 +248,13 @@ class Agent:
         return registration
 
     async def _register(self, http: httpx.AsyncClient, identity: Identity) -> RegistrationResponse:
+        token = self.settings.enrollment_token
         registrar = Registrar(
-            http, self.settings.api_url, name=self.settings.name, backoff=self._registration_backoff
+            http,
+            self.settings.api_url,
+            name=self.settings.name,
+            enrollment_token=token.get_secret_value() if token is not None else None,
+            backoff=self._registration_backoff,
         )
         return await registrar.register(identity)
 

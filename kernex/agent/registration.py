@@ -61,11 +61,13 @@ class Registrar:
         api_url: str,
         *,
         name: str | None = None,
+        enrollment_token: str | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self._http = http
         self._url = api_url.rstrip("/") + REGISTER_PATH
         self._name = name
+        self._enrollment_token = enrollment_token
         self._backoff = backoff or Backoff(initial_s=RETRY_INITIAL_S, max_s=RETRY_MAX_S)
         self.attempts = 0
 
@@ -73,7 +75,10 @@ class Registrar:
         """Return the active registration; raises RegistrationError when refused for good."""
         hardware = await asyncio.to_thread(hardware_info)
         request = RegistrationRequest(
-            csr=build_csr(identity.key, common_name=identity.device_id), name=self._name, hardware=hardware
+            csr=build_csr(identity.key, common_name=identity.device_id),
+            name=self._name,
+            hardware=hardware,
+            enrollment_token=self._enrollment_token,
         )
         body = request.model_dump(mode="json", exclude_none=True)
         while True:
@@ -96,6 +101,11 @@ class Registrar:
                 log.info("registration pending operator approval", retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
+            log.error(
+                "registration refused by the control plane; stopping "
+                "(an operator can accept the device, then restart the agent)",
+                status=response.status,
+            )
             raise DeviceRefusedError(
                 f"the control plane says this device is {response.status}", code=response.status
             )

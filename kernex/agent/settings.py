@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -68,6 +68,8 @@ class AgentSettings(BaseSettings):
     heartbeat_interval_s: Annotated[float, Field(ge=MIN_HEARTBEAT_INTERVAL_S)] = DEFAULT_HEARTBEAT_INTERVAL_S
     buffer_size: Annotated[int, Field(ge=1)] = DEFAULT_BUFFER_SIZE
     name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    # Sent at registration: under the `token` admission policy a valid one admits the device at once.
+    enrollment_token: SecretStr | None = None
     log_level: str = "INFO"
     log_format: LogFormat = "console"
     api_timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_API_TIMEOUT_S

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 import kernex
+from kernex.api.admission import routes as admission
 from kernex.api.apitokens import routes as apitokens
 from kernex.api.audit import routes as audit
 from kernex.api.auth import routes as auth
@@ -99,6 +100,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         audit.router,
         devices.device_router,
         devices.router,
+        admission.tokens_router,
+        admission.preauth_router,
         bundles.router,
         # Carries the commands lifespan (signing key, republisher, sweeper): after bundles, whose
         # store deployments check.

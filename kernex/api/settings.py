@@ -13,6 +13,7 @@ from kernex.storage.settings import BundleStoreSettings, StorageSettings
 
 API_PORT = 8000  # the conventional local development port for HTTP APIs
 DEVICE_CERT_VALIDITY_DAYS = 30  # short-lived: a lost device's certificate dies within a month
+ENROLLMENT_TOKEN_TTL_DAYS = 7  # a token handed to an installer is used within the week or not at all
 ACCESS_TOKEN_TTL_S = 3600  # an operator signs in about once an hour; a leaked token dies within it
 # HS256 keys shorter than the hash output (32 bytes) weaken the MAC (RFC 7518 §3.2).
 JWT_SECRET_MIN_CHARS = 32
@@ -40,7 +41,9 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 60  # DESIGN.md: a heartbeat a minute unless conf
 class AdmissionPolicy(StrEnum):
     """How a registering device is admitted (DESIGN.md "Admission policy")."""
 
-    AUTO = "auto"
+    AUTO = "auto"  # every device with a valid CSR is admitted at once (quick start)
+    TOKEN = "token"  # noqa: S105 - a policy name, not a secret: a valid enrollment token admits
+    MANUAL = "manual"  # devices wait pending for an operator, unless their key was pre-authorized
 
 
 class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
@@ -50,6 +53,8 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     api_port: int = Field(default=API_PORT, ge=1, le=65535)
     admission_policy: AdmissionPolicy = AdmissionPolicy.AUTO
     device_cert_validity_days: int = Field(default=DEVICE_CERT_VALIDITY_DAYS, ge=1, le=397)
+    # Enrollment tokens created without an expiry expire after this many days.
+    enrollment_token_default_ttl_days: int = Field(default=ENROLLMENT_TOKEN_TTL_DAYS, ge=1, le=3650)
     # Bodies above this are refused with 413 before they are read (bundle uploads have their own).
     max_body_bytes: int = 1024 * 1024
     # PEM files of ECDSA P-256 public keys whose offline release signatures (`kernex bundle sign`)

@@ -146,6 +146,8 @@ class RegistrationRequest(BaseModel):
     csr: Annotated[str, Field(min_length=1, max_length=16_384)]
     name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     hardware: dict[str, Any] | None = None
+    # Under the `token` admission policy, an operator-made token admits the device at once.
+    enrollment_token: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
 
 class MqttEndpoint(BaseModel):

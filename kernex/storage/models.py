@@ -88,6 +88,8 @@ class Device(SQLModel, table=True):
     config_applied_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
     config_applied_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     config_error: str | None = Field(default=None, sa_type=sa.Text)
+    # When the device was revoked (its certificate is in the fleet CRL from then on).
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class Heartbeat(SQLModel, table=True):
@@ -321,3 +323,41 @@ class RevokedAccessToken(SQLModel, table=True):
 
     jti: str = Field(primary_key=True, max_length=64)
     expires_at: datetime = Field(sa_type=UTCDateTime, index=True)
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """An operator-made token that admits registering devices under the `token` admission policy.
+
+    Format `kxe_<id>_<secret>`; only the secret's SHA-256 is kept. `uses` only grows and is bumped
+    with a conditional UPDATE, so concurrent registrations never exceed `max_uses`.
+    """
+
+    __tablename__ = "enrollment_tokens"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=128)
+    secret_sha256: str = Field(max_length=64)
+    # Tags every device it admits receives.
+    tags: list[str] = Field(default_factory=list, sa_type=JSONType)
+    max_uses: int | None = None
+    uses: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_by: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class DevicePreauthorization(SQLModel, table=True):
+    """A device key an operator admitted before its first contact (by public-key fingerprint)."""
+
+    __tablename__ = "device_preauthorizations"
+
+    key_fingerprint: str = Field(primary_key=True, max_length=64)
+    name: str | None = Field(default=None, max_length=128)
+    tags: list[str] = Field(default_factory=list, sa_type=JSONType)
+    created_by: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    # The device it admitted, once it registered.
+    used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    device_id: str | None = Field(default=None, max_length=64)

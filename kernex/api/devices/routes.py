@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import AwareDatetime
 
-from kernex.api.auth.deps import require_viewer
+from kernex.api.audit import service as audit
+from kernex.api.auth.deps import OperatorDep, require_viewer
 from kernex.api.bundles.runtime import KeyringDep
 from kernex.api.commands.runtime import CommandsDep
 from kernex.api.configs import service as configs
 from kernex.api.deps import PKIDep, SessionDep, SettingsDep
 from kernex.api.devices import service
-from kernex.api.devices.schemas import DeviceDetail, DevicePage, FleetStats, HeartbeatOut, HeartbeatPage
+from kernex.api.devices.schemas import (
+    DeviceDetail,
+    DeviceOut,
+    DevicePage,
+    FleetStats,
+    HeartbeatOut,
+    HeartbeatPage,
+)
+from kernex.api.errors import ApiError
 from kernex.protocol.messages import RegistrationRequest, RegistrationResponse
 from kernex.storage.models import AdmissionState, ConnectionState
 
@@ -91,3 +100,43 @@ async def list_heartbeats(
     """A device's heartbeats, newest first."""
     rows = await service.heartbeats(session, device_id, since=since, limit=limit)
     return HeartbeatPage(device_id=device_id, items=[HeartbeatOut.model_validate(r) for r in rows])
+
+
+async def _decide(
+    verb: str, device_id: str, operator: OperatorDep, request: Request, session: SessionDep
+) -> DeviceOut:
+    action = service.accept if verb == "accept" else service.reject
+    target = f"device:{device_id}"
+    try:
+        device = await action(session, device_id)
+    except ApiError as exc:
+        await audit.record(
+            session,
+            actor=operator,
+            action=f"device.{verb}",
+            target=target,
+            outcome="failed",
+            request=request,
+            details={"error": exc.code},
+        )
+        raise
+    await audit.record(
+        session, actor=operator, action=f"device.{verb}", target=target, outcome="success", request=request
+    )
+    return service.to_out(device)
+
+
+@router.post("/{device_id}/accept", response_model=DeviceOut, operation_id="acceptDevice")
+async def accept_device(
+    device_id: str, operator: OperatorDep, request: Request, session: SessionDep
+) -> DeviceOut:
+    """Admit a pending (or rejected) device; its agent gets its certificate at its next poll."""
+    return await _decide("accept", device_id, operator, request, session)
+
+
+@router.post("/{device_id}/reject", response_model=DeviceOut, operation_id="rejectDevice")
+async def reject_device(
+    device_id: str, operator: OperatorDep, request: Request, session: SessionDep
+) -> DeviceOut:
+    """Refuse a pending device: it never gets a certificate, and its agent stops."""
+    return await _decide("reject", device_id, operator, request, session)

@@ -10,8 +10,10 @@ import sqlalchemy as sa
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from kernex.api.admission import service as admission_service
+from kernex.api.admission.service import Admission
 from kernex.api.devices.schemas import BundleInfo, DeviceDetail, DeviceMetrics, DeviceOut, FleetStats
-from kernex.api.errors import NotFoundError
+from kernex.api.errors import ConflictError, NotFoundError
 from kernex.api.settings import ApiSettings
 from kernex.broker.pki import FleetPKI
 from kernex.kit.logs import get_logger
@@ -45,18 +47,22 @@ async def register(
     """
     csr, public_key = load_csr(request.csr)
     device_id = device_id_for(public_key)
+    fingerprint = public_key_fingerprint(public_key)
     device = await session.get(Device, device_id)
     created = device is None
     now = datetime.now(UTC)
+    admission: Admission | None = None
     if device is None:
+        admission = await _decide(session, settings, request, fingerprint, device_id)
         device = Device(
             id=device_id,
-            name=request.name,
+            name=request.name or admission.name,
             hardware=request.hardware,
             key_type=key_type_of(public_key).value,
             public_key_pem=public_key_to_pem(public_key),
-            key_fingerprint=public_key_fingerprint(public_key),
-            state=AdmissionState.ACTIVE,
+            key_fingerprint=fingerprint,
+            state=admission.state,
+            tags=admission.tags,
             registered_at=now,
             updated_at=now,
         )
@@ -66,6 +72,14 @@ async def register(
             device.name = request.name
         if request.hardware is not None:
             device.hardware = request.hardware
+        if device.state is AdmissionState.PENDING:
+            # A pending device registering again may now bring a token or have been pre-authorized.
+            admission = await _decide(session, settings, request, fingerprint, device_id)
+        if admission is not None and admission.state is AdmissionState.ACTIVE:
+            device.state = AdmissionState.ACTIVE
+            device.tags = sorted(set(device.tags) | set(admission.tags))
+            if admission.name and not device.name:
+                device.name = admission.name
         device.updated_at = now
     certificate: str | None = None
     if device.state is AdmissionState.ACTIVE:
@@ -82,7 +96,12 @@ async def register(
         # The same key registered concurrently: the other request created it; answer as a re-registration.
         await session.rollback()
         return await register(session, pki, settings, request, release_keys=release_keys)
-    log.info("device registered" if created else "device re-registered", device_id=device_id)
+    log.info(
+        "device registered" if created else "device re-registered",
+        device_id=device_id,
+        state=device.state.value,
+        admission=admission.reason if admission is not None else None,
+    )
     response = RegistrationResponse(
         device_id=device_id,
         status=device.state.value,
@@ -101,6 +120,22 @@ async def register(
         min_protocol_version=MIN_PROTOCOL_VERSION,
     )
     return response, created
+
+
+async def _decide(
+    session: AsyncSession,
+    settings: ApiSettings,
+    request: RegistrationRequest,
+    fingerprint: str,
+    device_id: str,
+) -> Admission:
+    return await admission_service.decide(
+        session,
+        settings.admission_policy,
+        key_fingerprint=fingerprint,
+        device_id=device_id,
+        token=request.enrollment_token,
+    )
 
 
 def to_out(device: Device) -> DeviceOut:
@@ -225,3 +260,31 @@ async def stats(session: AsyncSession) -> FleetStats:
         by_bundle_version={(v or "none"): n for v, n in versions.all()},
         active_deployments=active,
     )
+
+
+async def accept(session: AsyncSession, device_id: str) -> Device:
+    """Admit a pending (or earlier rejected) device: it gets its certificate when it asks next."""
+    device = await get_device(session, device_id)
+    if device.state not in {AdmissionState.PENDING, AdmissionState.REJECTED}:
+        raise ConflictError(
+            f"device {device_id} is {device.state.value}; only pending or rejected devices can be accepted"
+        )
+    device.state = AdmissionState.ACTIVE
+    device.updated_at = datetime.now(UTC)
+    await session.commit()
+    log.info("device accepted", device_id=device_id)
+    return device
+
+
+async def reject(session: AsyncSession, device_id: str) -> Device:
+    """Refuse a pending device: it never gets a certificate (accepting it later still can)."""
+    device = await get_device(session, device_id)
+    if device.state is not AdmissionState.PENDING:
+        raise ConflictError(
+            f"device {device_id} is {device.state.value}; only pending devices can be rejected"
+        )
+    device.state = AdmissionState.REJECTED
+    device.updated_at = datetime.now(UTC)
+    await session.commit()
+    log.info("device rejected", device_id=device_id)
+    return device
