@@ -85,7 +85,11 @@ export async function api(method, path, { body, params, auth = true } = {}) {
       cache: "no-store",
     });
   } catch {
-    throw new ApiError(0, "network", "Cannot reach the Kernex server. Check your connection; the page retries on its own.");
+    throw new ApiError(
+      0,
+      "network",
+      "Cannot reach the Kernex server. Check your connection; the page retries on its own.",
+    );
   }
   if (response.status === 401 && auth) {
     const error = await toError(response);

@@ -57,7 +57,7 @@ function showLogin(message) {
   live = null;
   me = null;
   document.title = "Sign in · Kernex";
-  const username = h("input", { name: "username", autocomplete: "username", required: true, autofocus: true });
+  const username = h("input", { name: "username", autocomplete: "username", required: true });
   const password = h("input", { name: "password", type: "password", autocomplete: "current-password", required: true });
   const error = h("p", { class: "form-error", role: "alert" }, message || "");
   const button = h("button", { type: "submit" }, "Sign in");
@@ -106,7 +106,11 @@ function shell() {
       h("li", {}, h("a", { href, dataset: { nav: key } }, label)),
     ),
   );
-  const menu = h("button", { type: "button", class: "menu-toggle secondary", "aria-expanded": "false", "aria-controls": "nav" }, "Menu");
+  const menu = h(
+    "button",
+    { type: "button", class: "menu-toggle secondary", "aria-expanded": "false", "aria-controls": "nav" },
+    "Menu",
+  );
   const navBox = h("nav", { id: "nav", "aria-label": "Main" }, nav);
   menu.addEventListener("click", () => {
     const open = menu.getAttribute("aria-expanded") !== "true";
@@ -130,7 +134,12 @@ function shell() {
     ),
     h("div", { id: "notices", class: "notices", "aria-live": "polite" }),
     h("main", { id: "main", tabindex: "-1" }),
-    h("footer", { class: "footer muted" }, `Times are shown in ${timeZone}. `, h("a", { href: "/docs" }, "API documentation")),
+    h(
+      "footer",
+      { class: "footer muted" },
+      `Times are shown in ${timeZone}. `,
+      h("a", { href: "/docs" }, "API documentation"),
+    ),
   );
   live.on("connection", (state) => {
     status.dataset.state = state;
@@ -149,7 +158,8 @@ async function logout() {
 }
 
 async function route() {
-  if (!me) return;
+  // Only "#/..." is a route; any other fragment is an in-page anchor and leaves the page as it is.
+  if (!me || (location.hash && !location.hash.startsWith("#/"))) return;
   for (const fn of cleanups) fn();
   cleanups = [];
   renderCount += 1;
@@ -163,7 +173,11 @@ async function route() {
   }
   clear(main);
   if (!found) {
-    clear(main, h("h1", {}, "Page not found"), h("p", {}, "There is nothing at this address. ", h("a", { href: "#/" }, "Go to the overview.")));
+    clear(
+      main,
+      h("h1", {}, "Page not found"),
+      h("p", {}, "There is nothing at this address. ", h("a", { href: "#/" }, "Go to the overview.")),
+    );
     return;
   }
   const [match, render] = found;
@@ -210,6 +224,11 @@ async function start() {
 }
 
 window.addEventListener("hashchange", route);
+// The skip link moves focus without touching the URL fragment, which holds the route.
+document.querySelector(".skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  document.getElementById("main").focus();
+});
 window.addEventListener("kernex:unauthorized", (event) => showLogin(event.detail));
 setInterval(tickRelativeTimes, 5000);
 start();

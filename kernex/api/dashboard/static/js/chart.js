@@ -16,10 +16,21 @@ export function lineChart({ title, unit, points, from, to }) {
   const figure = h(
     "figure",
     { class: "chart" },
-    h("figcaption", {}, h("span", { class: "chart-title" }, title), h("span", { class: "chart-value" }, latest === null ? "no data" : formatNumber(latest, unit))),
+    h(
+      "figcaption",
+      {},
+      h("span", { class: "chart-title" }, title),
+      h("span", { class: "chart-value" }, latest === null ? "no data" : formatNumber(latest, unit)),
+    ),
   );
   if (!points.length) {
-    figure.append(h("p", { class: "muted chart-empty" }, "No heartbeats in this window. Choose a longer window, or check that the device is online."));
+    figure.append(
+      h(
+        "p",
+        { class: "muted chart-empty" },
+        "No heartbeats in this window. Choose a longer window, or check that the device is online.",
+      ),
+    );
     return figure;
   }
   let min = Math.min(...values);
@@ -42,7 +53,13 @@ export function lineChart({ title, unit, points, from, to }) {
       role: "img",
       "aria-label": `${title}: ${points.length} samples from ${formatNumber(Math.min(...values), unit)} to ${formatNumber(Math.max(...values), unit)}, latest ${formatNumber(latest, unit)}`,
     },
-    h("svg:line", { class: "axis", x1: PAD.left, x2: WIDTH - PAD.right, y1: HEIGHT - PAD.bottom, y2: HEIGHT - PAD.bottom }),
+    h("svg:line", {
+      class: "axis",
+      x1: PAD.left,
+      x2: WIDTH - PAD.right,
+      y1: HEIGHT - PAD.bottom,
+      y2: HEIGHT - PAD.bottom,
+    }),
     h("svg:line", { class: "grid", x1: PAD.left, x2: WIDTH - PAD.right, y1: PAD.top, y2: PAD.top }),
     h("svg:text", { class: "tick", x: PAD.left - 6, y: PAD.top + 4, "text-anchor": "end" }, formatNumber(max)),
     h("svg:text", { class: "tick", x: PAD.left - 6, y: HEIGHT - PAD.bottom, "text-anchor": "end" }, formatNumber(min)),

@@ -25,6 +25,12 @@ function append(el, children) {
   }
 }
 
+// Like Element.append, but skips null/false children instead of writing them out as text.
+export function add(el, ...children) {
+  append(el, children);
+  return el;
+}
+
 export function clear(el, ...children) {
   el.replaceChildren();
   append(el, children);
@@ -149,12 +155,23 @@ export function progress(counts, total) {
   good.style.width = `${total ? (100 * done) / total : 0}%`;
   failed.style.width = `${total ? (100 * bad) / total : 0}%`;
   bar.append(good, failed);
-  return h("div", { class: "progress" }, bar, h("span", { class: "progress-text" }, `${done}/${total} succeeded${bad ? `, ${bad} failed` : ""}`));
+  return h(
+    "div",
+    { class: "progress" },
+    bar,
+    h("span", { class: "progress-text" }, `${done}/${total} succeeded${bad ? `, ${bad} failed` : ""}`),
+  );
 }
 
 // Empty and error states say what happened and what to do next.
 export function empty(title, hint, action) {
-  return h("div", { class: "state state-empty", role: "status" }, h("p", { class: "state-title" }, title), hint ? h("p", {}, hint) : null, action || null);
+  return h(
+    "div",
+    { class: "state state-empty", role: "status" },
+    h("p", { class: "state-title" }, title),
+    hint ? h("p", {}, hint) : null,
+    action || null,
+  );
 }
 
 export function errorState(error, retry) {
@@ -188,7 +205,18 @@ export function confirmDialog(title, text, confirmLabel = "Confirm") {
     const dialog = h(
       "dialog",
       { class: "dialog", "aria-labelledby": "dialog-title" },
-      h("form", { method: "dialog" }, h("h2", { id: "dialog-title" }, title), h("p", {}, text), h("div", { class: "actions" }, h("button", { value: "cancel", type: "submit", class: "secondary" }, "Cancel"), h("button", { value: "ok", type: "submit", class: "danger" }, confirmLabel))),
+      h(
+        "form",
+        { method: "dialog" },
+        h("h2", { id: "dialog-title" }, title),
+        h("p", {}, text),
+        h(
+          "div",
+          { class: "actions" },
+          h("button", { value: "cancel", type: "submit", class: "secondary" }, "Cancel"),
+          h("button", { value: "ok", type: "submit", class: "danger" }, confirmLabel),
+        ),
+      ),
     );
     dialog.addEventListener("close", () => {
       resolve(dialog.returnValue === "ok");
@@ -207,7 +235,13 @@ export function field(label, control, hint) {
   control.id = id;
   const hintId = hint ? `${id}-hint` : null;
   if (hintId) control.setAttribute("aria-describedby", hintId);
-  return h("div", { class: "field" }, h("label", { for: id }, label), control, hint ? h("p", { class: "hint", id: hintId }, hint) : null);
+  return h(
+    "div",
+    { class: "field" },
+    h("label", { for: id }, label),
+    control,
+    hint ? h("p", { class: "hint", id: hintId }, hint) : null,
+  );
 }
 
 export function debounce(fn, ms) {

@@ -26,6 +26,9 @@ export class Live {
     this.running = false;
     this.controller = null;
     this.wake = null;
+    // The browser knows when the network went away: say so at once instead of waiting for the
+    // silence watchdog, and come back as soon as it returns instead of after the backoff.
+    window.addEventListener("offline", () => this.controller && this.controller.abort());
     window.addEventListener("online", () => this.reconnectNow());
   }
 

@@ -1,23 +1,38 @@
 // Admin pages: user accounts (create, change role, disable) and API tokens (create, revoke).
 
 import { api } from "../api.js";
-import { ago, badge, clear, confirmDialog, empty, errorState, field, h, notify, when } from "../dom.js";
+import { add, ago, badge, clear, confirmDialog, empty, errorState, field, h, notify, when } from "../dom.js";
 
 const ROLES = ["viewer", "operator", "admin"];
 
 function adminOnly(ctx, title) {
-  ctx.main.append(h("h1", {}, title));
+  add(ctx.main, h("h1", {}, title));
   if (ctx.can("admin")) return true;
-  ctx.main.append(empty(`${title} are managed by admins.`, "Ask an admin for changes."));
+  add(ctx.main, empty(`${title} are managed by admins.`, "Ask an admin for changes."));
   return false;
 }
 
 export async function renderUsers(ctx) {
   if (!adminOnly(ctx, "Users")) return;
   const list = h("div", { class: "table-wrap" });
-  const username = h("input", { name: "username", autocomplete: "off", required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._@\\-]{2,127}" });
-  const password = h("input", { name: "password", type: "password", autocomplete: "new-password", required: true, minlength: 12 });
-  const role = h("select", { name: "role" }, ROLES.map((r) => h("option", { value: r }, r)));
+  const username = h("input", {
+    name: "username",
+    autocomplete: "off",
+    required: true,
+    pattern: "[A-Za-z0-9][A-Za-z0-9._@\\-]{2,127}",
+  });
+  const password = h("input", {
+    name: "password",
+    type: "password",
+    autocomplete: "new-password",
+    required: true,
+    minlength: 12,
+  });
+  const role = h(
+    "select",
+    { name: "role" },
+    ROLES.map((r) => h("option", { value: r }, r)),
+  );
   const error = h("p", { class: "form-error", role: "alert" });
   const form = h(
     "form",
@@ -27,7 +42,9 @@ export async function renderUsers(ctx) {
         event.preventDefault();
         error.textContent = "";
         try {
-          const user = await api("POST", "/api/v1/auth/register", { body: { username: username.value, password: password.value, role: role.value } });
+          const user = await api("POST", "/api/v1/auth/register", {
+            body: { username: username.value, password: password.value, role: role.value },
+          });
           notify(`Account ${user.username} created.`);
           form.reset();
           load();
@@ -37,11 +54,17 @@ export async function renderUsers(ctx) {
       },
     },
     h("h2", {}, "Add a user"),
-    h("div", { class: "form-grid" }, field("Username", username, "3–128 letters, digits, . _ @ -"), field("Password", password, "At least 12 characters."), field("Role", role)),
+    h(
+      "div",
+      { class: "form-grid" },
+      field("Username", username, "3–128 letters, digits, . _ @ -"),
+      field("Password", password, "At least 12 characters."),
+      field("Role", role),
+    ),
     error,
     h("div", { class: "actions" }, h("button", { type: "submit" }, "Create account")),
   );
-  ctx.main.append(list, form);
+  add(ctx.main, list, form);
 
   async function update(user, body, message) {
     try {
@@ -62,14 +85,28 @@ export async function renderUsers(ctx) {
         h(
           "table",
           { class: "table stack" },
-          h("thead", {}, h("tr", {}, ["User", "Role", "Status", "Created", "Actions"].map((c) => h("th", { scope: "col" }, c)))),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              ["User", "Role", "Status", "Created", "Actions"].map((c) => h("th", { scope: "col" }, c)),
+            ),
+          ),
           h(
             "tbody",
             {},
             page.items.map((u) => {
               const self = u.id === ctx.me.id;
-              const select = h("select", { "aria-label": `Role of ${u.username}`, disabled: self }, ROLES.map((r) => h("option", { value: r, selected: u.role === r }, r)));
-              select.addEventListener("change", () => update(u, { role: select.value }, `${u.username} is now ${select.value}.`));
+              const select = h(
+                "select",
+                { "aria-label": `Role of ${u.username}`, disabled: self },
+                ROLES.map((r) => h("option", { value: r, selected: u.role === r }, r)),
+              );
+              select.addEventListener("change", () =>
+                update(u, { role: select.value }, `${u.username} is now ${select.value}.`),
+              );
               return h(
                 "tr",
                 {},
@@ -82,7 +119,20 @@ export async function renderUsers(ctx) {
                   { "data-label": "Actions" },
                   self
                     ? h("span", { class: "muted" }, "—")
-                    : h("button", { type: "button", class: u.disabled ? "secondary" : "danger", onclick: () => update(u, { disabled: !u.disabled }, `${u.username} ${u.disabled ? "enabled" : "disabled"}.`) }, u.disabled ? "Enable" : "Disable"),
+                    : h(
+                        "button",
+                        {
+                          type: "button",
+                          class: u.disabled ? "secondary" : "danger",
+                          onclick: () =>
+                            update(
+                              u,
+                              { disabled: !u.disabled },
+                              `${u.username} ${u.disabled ? "enabled" : "disabled"}.`,
+                            ),
+                        },
+                        u.disabled ? "Enable" : "Disable",
+                      ),
                 ),
               );
             }),
@@ -100,8 +150,20 @@ export async function renderTokens(ctx) {
   if (!adminOnly(ctx, "API tokens")) return;
   const list = h("div", { class: "table-wrap" });
   const name = h("input", { name: "name", autocomplete: "off", required: true, maxlength: 128 });
-  const scope = h("select", { name: "scope" }, h("option", { value: "read" }, "read (viewer)"), h("option", { value: "operator" }, "operator"));
-  const days = h("input", { name: "days", type: "number", min: 1, max: 3650, placeholder: "never", inputmode: "numeric" });
+  const scope = h(
+    "select",
+    { name: "scope" },
+    h("option", { value: "read" }, "read (viewer)"),
+    h("option", { value: "operator" }, "operator"),
+  );
+  const days = h("input", {
+    name: "days",
+    type: "number",
+    min: 1,
+    max: 3650,
+    placeholder: "never",
+    inputmode: "numeric",
+  });
   const error = h("p", { class: "form-error", role: "alert" });
   const created = h("div", { "aria-live": "polite" });
   const form = h(
@@ -116,7 +178,12 @@ export async function renderTokens(ctx) {
         try {
           const token = await api("POST", "/api/v1/tokens", { body });
           form.reset();
-          const value = h("input", { readonly: true, value: token.token, class: "mono", "aria-label": "The new token" });
+          const value = h("input", {
+            readonly: true,
+            value: token.token,
+            class: "mono",
+            "aria-label": "The new token",
+          });
           clear(
             created,
             h(
@@ -125,7 +192,19 @@ export async function renderTokens(ctx) {
               h("h2", {}, `Token “${token.name}” created`),
               h("p", {}, "Copy it now: it is shown only once. Send it as Authorization: Bearer <token>."),
               value,
-              h("div", { class: "actions" }, h("button", { type: "button", class: "secondary", onclick: () => navigator.clipboard?.writeText(token.token).then(() => notify("Copied.")) }, "Copy")),
+              h(
+                "div",
+                { class: "actions" },
+                h(
+                  "button",
+                  {
+                    type: "button",
+                    class: "secondary",
+                    onclick: () => navigator.clipboard?.writeText(token.token).then(() => notify("Copied.")),
+                  },
+                  "Copy",
+                ),
+              ),
             ),
           );
           value.select();
@@ -136,18 +215,30 @@ export async function renderTokens(ctx) {
       },
     },
     h("h2", {}, "Create a token"),
-    h("div", { class: "form-grid" }, field("Name", name, "What uses it, e.g. grafana or ci-deploy."), field("Scope", scope), field("Expires in (days)", days)),
+    h(
+      "div",
+      { class: "form-grid" },
+      field("Name", name, "What uses it, e.g. grafana or ci-deploy."),
+      field("Scope", scope),
+      field("Expires in (days)", days),
+    ),
     error,
     h("div", { class: "actions" }, h("button", { type: "submit" }, "Create token")),
   );
-  ctx.main.append(created, list, form);
+  add(ctx.main, created, list, form);
 
   async function load() {
     try {
       const page = await api("GET", "/api/v1/tokens");
       if (ctx.stale()) return;
       if (!page.items.length) {
-        clear(list, empty("No API tokens yet.", "Create one below for scripts and integrations; people sign in with their own account instead."));
+        clear(
+          list,
+          empty(
+            "No API tokens yet.",
+            "Create one below for scripts and integrations; people sign in with their own account instead.",
+          ),
+        );
         return;
       }
       clear(
@@ -155,7 +246,17 @@ export async function renderTokens(ctx) {
         h(
           "table",
           { class: "table stack" },
-          h("thead", {}, h("tr", {}, ["Name", "Scope", "Status", "Created", "Last used", "Expires", "Actions"].map((c) => h("th", { scope: "col" }, c)))),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              ["Name", "Scope", "Status", "Created", "Last used", "Expires", "Actions"].map((c) =>
+                h("th", { scope: "col" }, c),
+              ),
+            ),
+          ),
           h(
             "tbody",
             {},
@@ -180,7 +281,14 @@ export async function renderTokens(ctx) {
                           type: "button",
                           class: "danger",
                           onclick: async () => {
-                            if (!(await confirmDialog("Revoke this token?", `Anything using “${t.name}” stops working at once.`, "Revoke"))) return;
+                            if (
+                              !(await confirmDialog(
+                                "Revoke this token?",
+                                `Anything using “${t.name}” stops working at once.`,
+                                "Revoke",
+                              ))
+                            )
+                              return;
                             try {
                               await api("DELETE", `/api/v1/tokens/${t.id}`);
                               notify(`Token ${t.name} revoked.`);

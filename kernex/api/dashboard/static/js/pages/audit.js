@@ -1,25 +1,30 @@
 // The audit log (admins): who did what, when, from where, filtered and paged.
 
 import { api } from "../api.js";
-import { clear, empty, errorState, field, h, when } from "../dom.js";
+import { add, clear, empty, errorState, field, h, when } from "../dom.js";
 
 const PAGE = 50;
 
 export async function render(ctx) {
   const { main } = ctx;
-  main.append(h("h1", {}, "Audit log"));
+  add(main, h("h1", {}, "Audit log"));
   if (!ctx.can("admin")) {
-    main.append(empty("The audit log is for admins.", "Ask an admin if you need to see who changed what."));
+    add(main, empty("The audit log is for admins.", "Ask an admin if you need to see who changed what."));
     return;
   }
   const actor = h("input", { name: "actor", autocomplete: "off" });
   const action = h("input", { name: "action", autocomplete: "off", placeholder: "e.g. deployment.create" });
-  const outcome = h("select", { name: "outcome" }, ["", "success", "denied", "failed", "failure"].map((v) => h("option", { value: v }, v || "Any outcome")));
+  const outcome = h(
+    "select",
+    { name: "outcome" },
+    ["", "success", "denied", "failed", "failure"].map((v) => h("option", { value: v }, v || "Any outcome")),
+  );
   const list = h("div", { class: "table-wrap" });
   const pager = h("div", { class: "pager" });
   const summary = h("p", { class: "muted", role: "status" });
   let offset = 0;
-  main.append(
+  add(
+    main,
     h(
       "form",
       {
@@ -53,7 +58,17 @@ export async function render(ctx) {
           ? h(
               "table",
               { class: "table stack" },
-              h("thead", {}, h("tr", {}, ["When", "Actor", "Action", "Target", "Outcome", "From", "Details"].map((c) => h("th", { scope: "col" }, c)))),
+              h(
+                "thead",
+                {},
+                h(
+                  "tr",
+                  {},
+                  ["When", "Actor", "Action", "Target", "Outcome", "From", "Details"].map((c) =>
+                    h("th", { scope: "col" }, c),
+                  ),
+                ),
+              ),
               h(
                 "tbody",
                 {},
@@ -65,9 +80,23 @@ export async function render(ctx) {
                     h("td", { "data-label": "Actor" }, e.actor),
                     h("td", { "data-label": "Action", class: "mono small" }, e.action),
                     h("td", { "data-label": "Target", class: "mono small break" }, e.target || "—"),
-                    h("td", { "data-label": "Outcome" }, h("span", { class: `badge tone-${e.outcome === "success" ? "good" : e.outcome === "denied" ? "bad" : "warn"}` }, e.outcome)),
+                    h(
+                      "td",
+                      { "data-label": "Outcome" },
+                      h(
+                        "span",
+                        {
+                          class: `badge tone-${e.outcome === "success" ? "good" : e.outcome === "denied" ? "bad" : "warn"}`,
+                        },
+                        e.outcome,
+                      ),
+                    ),
                     h("td", { "data-label": "From" }, e.address || "—"),
-                    h("td", { "data-label": "Details", class: "mono small break" }, Object.keys(e.details || {}).length ? JSON.stringify(e.details) : "—"),
+                    h(
+                      "td",
+                      { "data-label": "Details", class: "mono small break" },
+                      Object.keys(e.details || {}).length ? JSON.stringify(e.details) : "—",
+                    ),
                   ),
                 ),
               ),
@@ -76,8 +105,34 @@ export async function render(ctx) {
       );
       clear(
         pager,
-        offset > 0 ? h("button", { type: "button", class: "secondary", onclick: () => { offset = Math.max(0, offset - PAGE); load(); } }, "Newer") : null,
-        offset + PAGE < page.total ? h("button", { type: "button", class: "secondary", onclick: () => { offset += PAGE; load(); } }, "Older") : null,
+        offset > 0
+          ? h(
+              "button",
+              {
+                type: "button",
+                class: "secondary",
+                onclick: () => {
+                  offset = Math.max(0, offset - PAGE);
+                  load();
+                },
+              },
+              "Newer",
+            )
+          : null,
+        offset + PAGE < page.total
+          ? h(
+              "button",
+              {
+                type: "button",
+                class: "secondary",
+                onclick: () => {
+                  offset += PAGE;
+                  load();
+                },
+              },
+              "Older",
+            )
+          : null,
       );
     } catch (error) {
       if (!ctx.stale()) clear(list, errorState(error, load));

@@ -1,17 +1,36 @@
 // Bundles: upload with a progress bar, the list, and one bundle's manifest and signature.
 
 import { api, upload } from "../api.js";
-import { ago, badge, clear, confirmDialog, empty, errorState, field, formatBytes, h, notify, when } from "../dom.js";
+import {
+  add,
+  ago,
+  badge,
+  clear,
+  confirmDialog,
+  empty,
+  errorState,
+  field,
+  formatBytes,
+  h,
+  notify,
+  when,
+} from "../dom.js";
 
 function signature(b) {
-  if (b.quarantined) return h("span", {}, badge("quarantined"), " — its bytes no longer match: devices are refused it.");
+  if (b.quarantined)
+    return h("span", {}, badge("quarantined"), " — its bytes no longer match: devices are refused it.");
   if (b.signed_by) return h("span", {}, badge("ok"), ` signed by ${b.signed_by}, verified at upload`);
   return h("span", {}, badge("unknown"), " not signed");
 }
 
 function uploadForm(onDone) {
   const file = h("input", { type: "file", name: "file", accept: ".tar.gz,.tgz,application/gzip", required: true });
-  const sig = h("textarea", { name: "signature", rows: 2, spellcheck: "false", placeholder: "optional: a JWS from `kernex bundle sign`" });
+  const sig = h("textarea", {
+    name: "signature",
+    rows: 2,
+    spellcheck: "false",
+    placeholder: "optional: a JWS from `kernex bundle sign`",
+  });
   const bar = h("progress", { max: 100, value: 0, "aria-label": "Upload progress" });
   const status = h("p", { class: "muted", role: "status", "aria-live": "polite" });
   const error = h("p", { class: "form-error", role: "alert" });
@@ -52,7 +71,11 @@ function uploadForm(onDone) {
       },
     },
     h("h2", {}, "Upload a bundle"),
-    field("Bundle file (.tar.gz)", file, "Built with `kernex bundle build`; the manifest is checked and the bundle signed with the release key."),
+    field(
+      "Bundle file (.tar.gz)",
+      file,
+      "Built with `kernex bundle build`; the manifest is checked and the bundle signed with the release key.",
+    ),
     field("Offline signature", sig),
     h("div", { class: "actions" }, button),
     bar,
@@ -64,16 +87,28 @@ function uploadForm(onDone) {
 export async function renderList(ctx) {
   const { main } = ctx;
   const list = h("div", { class: "table-wrap" });
-  main.append(h("h1", {}, "Bundles"));
-  if (ctx.can("operator")) main.append(uploadForm(() => load()));
-  main.append(h("section", { "aria-label": "Bundles" }, list));
+  add(main, h("h1", {}, "Bundles"));
+  if (ctx.can("operator"))
+    add(
+      main,
+      uploadForm(() => load()),
+    );
+  add(main, h("section", { "aria-label": "Bundles" }, list));
 
   async function load() {
     try {
       const page = await api("GET", "/api/v1/bundles", { params: { limit: 200 } });
       if (ctx.stale()) return;
       if (!page.items.length) {
-        clear(list, empty("No bundles yet.", ctx.can("operator") ? "Upload one above: build it with `kernex bundle build <dir>`." : "An operator uploads bundles; ask one, or sign in with an operator account."));
+        clear(
+          list,
+          empty(
+            "No bundles yet.",
+            ctx.can("operator")
+              ? "Upload one above: build it with `kernex bundle build <dir>`."
+              : "An operator uploads bundles; ask one, or sign in with an operator account.",
+          ),
+        );
         return;
       }
       clear(
@@ -81,7 +116,15 @@ export async function renderList(ctx) {
         h(
           "table",
           { class: "table stack" },
-          h("thead", {}, h("tr", {}, ["Bundle", "Size", "Signature", "Uploaded"].map((c) => h("th", { scope: "col" }, c)))),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              ["Bundle", "Size", "Signature", "Uploaded"].map((c) => h("th", { scope: "col" }, c)),
+            ),
+          ),
           h(
             "tbody",
             {},
@@ -89,9 +132,21 @@ export async function renderList(ctx) {
               h(
                 "tr",
                 { dataset: { bundle: b.id } },
-                h("th", { scope: "row", "data-label": "Bundle" }, h("a", { href: `#/bundles/${b.id}` }, `${b.name} ${b.version}`)),
+                h(
+                  "th",
+                  { scope: "row", "data-label": "Bundle" },
+                  h("a", { href: `#/bundles/${b.id}` }, `${b.name} ${b.version}`),
+                ),
                 h("td", { "data-label": "Size" }, formatBytes(b.size)),
-                h("td", { "data-label": "Signature" }, b.quarantined ? badge("quarantined") : b.signed_by ? h("span", {}, badge("ok"), ` ${b.signed_by}`) : badge("unknown")),
+                h(
+                  "td",
+                  { "data-label": "Signature" },
+                  b.quarantined
+                    ? badge("quarantined")
+                    : b.signed_by
+                      ? h("span", {}, badge("ok"), ` ${b.signed_by}`)
+                      : badge("unknown"),
+                ),
                 h("td", { "data-label": "Uploaded" }, ago(b.created_at), b.created_by ? ` by ${b.created_by}` : ""),
               ),
             ),
@@ -113,7 +168,11 @@ export async function renderDetail(ctx) {
   try {
     b = await api("GET", `/api/v1/bundles/${encodeURIComponent(id)}`);
   } catch (error) {
-    main.append(h("h1", {}, "Bundle"), errorState(error, () => location.reload()));
+    add(
+      main,
+      h("h1", {}, "Bundle"),
+      errorState(error, () => location.reload()),
+    );
     return;
   }
   if (ctx.stale()) return;
@@ -121,15 +180,23 @@ export async function renderDetail(ctx) {
   const files = Array.isArray(m.files) ? m.files : [];
   const actions = h("div", { class: "actions" });
   if (ctx.can("operator") && !b.quarantined) {
-    actions.append(h("a", { class: "button", href: `#/deployments/new?bundle=${b.id}` }, "Deploy this bundle"));
-    actions.append(
+    add(actions, h("a", { class: "button", href: `#/deployments/new?bundle=${b.id}` }, "Deploy this bundle"));
+    add(
+      actions,
       h(
         "button",
         {
           type: "button",
           class: "danger",
           onclick: async () => {
-            if (!(await confirmDialog("Delete this bundle?", `${b.name} ${b.version} will be removed from the bundle store.`, "Delete"))) return;
+            if (
+              !(await confirmDialog(
+                "Delete this bundle?",
+                `${b.name} ${b.version} will be removed from the bundle store.`,
+                "Delete",
+              ))
+            )
+              return;
             try {
               await api("DELETE", `/api/v1/bundles/${b.id}`);
               notify("Bundle deleted.");
@@ -143,7 +210,8 @@ export async function renderDetail(ctx) {
       ),
     );
   }
-  main.append(
+  add(
+    main,
     h("p", { class: "crumbs" }, h("a", { href: "#/bundles" }, "Bundles"), " / "),
     h("h1", {}, `${b.name} ${b.version}`),
     actions,
@@ -169,10 +237,46 @@ export async function renderDetail(ctx) {
       { class: "card", "aria-labelledby": "files-h" },
       h("h2", { id: "files-h" }, `Files (${files.length})`),
       files.length
-        ? h("div", { class: "table-wrap" }, h("table", { class: "table stack" }, h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Path"), h("th", { scope: "col" }, "Size"), h("th", { scope: "col" }, "SHA-256"))), h("tbody", {}, files.map((f) => h("tr", {}, h("td", { "data-label": "Path", class: "mono" }, f.path, f.executable ? " (executable)" : ""), h("td", { "data-label": "Size" }, formatBytes(f.size)), h("td", { "data-label": "SHA-256", class: "mono small break" }, f.sha256 || "—"))))))
+        ? h(
+            "div",
+            { class: "table-wrap" },
+            h(
+              "table",
+              { class: "table stack" },
+              h(
+                "thead",
+                {},
+                h(
+                  "tr",
+                  {},
+                  h("th", { scope: "col" }, "Path"),
+                  h("th", { scope: "col" }, "Size"),
+                  h("th", { scope: "col" }, "SHA-256"),
+                ),
+              ),
+              h(
+                "tbody",
+                {},
+                files.map((f) =>
+                  h(
+                    "tr",
+                    {},
+                    h("td", { "data-label": "Path", class: "mono" }, f.path, f.executable ? " (executable)" : ""),
+                    h("td", { "data-label": "Size" }, formatBytes(f.size)),
+                    h("td", { "data-label": "SHA-256", class: "mono small break" }, f.sha256 || "—"),
+                  ),
+                ),
+              ),
+            ),
+          )
         : empty("The manifest lists no files."),
     ),
-    h("section", { class: "card", "aria-labelledby": "manifest-h" }, h("h2", { id: "manifest-h" }, "Manifest"), h("pre", { class: "code", tabindex: "0" }, JSON.stringify(m, null, 2))),
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "manifest-h" },
+      h("h2", { id: "manifest-h" }, "Manifest"),
+      h("pre", { class: "code", tabindex: "0" }, JSON.stringify(m, null, 2)),
+    ),
   );
 }
 

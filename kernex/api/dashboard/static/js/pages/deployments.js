@@ -4,17 +4,48 @@
 // Rollout phases (canary, then waves) are not offered: the API deploys to all targets at once.
 
 import { ApiError, api } from "../api.js";
-import { ago, badge, clear, confirmDialog, empty, errorState, field, h, notify, progress, shortId, throttle, when } from "../dom.js";
+import {
+  add,
+  ago,
+  badge,
+  clear,
+  confirmDialog,
+  empty,
+  errorState,
+  field,
+  h,
+  notify,
+  progress,
+  shortId,
+  throttle,
+  when,
+} from "../dom.js";
 
 const ACTIVE = new Set(["pending", "in_progress"]);
 const STATUSES = ["", "pending", "in_progress", "succeeded", "failed", "partially_failed", "cancelled"];
 
 export async function renderList(ctx) {
   const { main, params } = ctx;
-  const status = h("select", { name: "status" }, STATUSES.map((v) => h("option", { value: v, selected: (params.get("status") || "") === v }, v ? v.replaceAll("_", " ") : "Any status")));
+  const status = h(
+    "select",
+    { name: "status" },
+    STATUSES.map((v) =>
+      h(
+        "option",
+        { value: v, selected: (params.get("status") || "") === v },
+        v ? v.replaceAll("_", " ") : "Any status",
+      ),
+    ),
+  );
   const list = h("div", { class: "table-wrap" });
-  main.append(
-    h("div", { class: "section-head" }, h("h1", {}, "Deployments"), ctx.can("operator") ? h("a", { class: "button", href: "#/deployments/new" }, "New deployment") : null),
+  add(
+    main,
+    h(
+      "div",
+      { class: "section-head" },
+      h("h1", {}, "Deployments"),
+      ctx.can("operator") ? h("a", { class: "button", href: "#/deployments/new" }, "New deployment") : null,
+    ),
     h("form", { class: "filters", onsubmit: (e) => e.preventDefault() }, field("Status", status)),
     list,
   );
@@ -28,7 +59,12 @@ export async function renderList(ctx) {
         list,
         status.value
           ? empty(`No ${status.value.replaceAll("_", " ")} deployments.`, "Choose “Any status” to see them all.")
-          : empty("Nothing has been deployed yet.", ctx.can("operator") ? "Upload a bundle on the Bundles page, then create a deployment." : "An operator creates deployments."),
+          : empty(
+              "Nothing has been deployed yet.",
+              ctx.can("operator")
+                ? "Upload a bundle on the Bundles page, then create a deployment."
+                : "An operator creates deployments.",
+            ),
       );
       return;
     }
@@ -37,7 +73,15 @@ export async function renderList(ctx) {
       h(
         "table",
         { class: "table stack" },
-        h("thead", {}, h("tr", {}, ["Bundle", "Status", "Progress", "Created"].map((c) => h("th", { scope: "col" }, c)))),
+        h(
+          "thead",
+          {},
+          h(
+            "tr",
+            {},
+            ["Bundle", "Status", "Progress", "Created"].map((c) => h("th", { scope: "col" }, c)),
+          ),
+        ),
         h(
           "tbody",
           {},
@@ -50,7 +94,12 @@ export async function renderList(ctx) {
             return h(
               "tr",
               { dataset: { deployment: d.id } },
-              h("th", { scope: "row", "data-label": "Bundle" }, h("a", { href: `#/deployments/${d.id}` }, `${d.bundle_name} ${d.bundle_version}`), d.rollback ? " (rollback)" : ""),
+              h(
+                "th",
+                { scope: "row", "data-label": "Bundle" },
+                h("a", { href: `#/deployments/${d.id}` }, `${d.bundle_name} ${d.bundle_version}`),
+                d.rollback ? " (rollback)" : "",
+              ),
               cells.status,
               cells.progress,
               h("td", { "data-label": "Created" }, ago(d.created_at), d.created_by ? ` by ${d.created_by}` : ""),
@@ -96,9 +145,13 @@ export async function renderList(ctx) {
 
 export async function renderNew(ctx) {
   const { main, params } = ctx;
-  main.append(h("p", { class: "crumbs" }, h("a", { href: "#/deployments" }, "Deployments"), " / "), h("h1", {}, "New deployment"));
+  add(
+    main,
+    h("p", { class: "crumbs" }, h("a", { href: "#/deployments" }, "Deployments"), " / "),
+    h("h1", {}, "New deployment"),
+  );
   if (!ctx.can("operator")) {
-    main.append(empty("Creating deployments needs the operator role.", "Ask an admin to change your role."));
+    add(main, empty("Creating deployments needs the operator role.", "Ask an admin to change your role."));
     return;
   }
   let bundles;
@@ -109,20 +162,37 @@ export async function renderNew(ctx) {
       api("GET", "/api/v1/devices", { params: { state: "active", limit: 500 } }),
     ]);
   } catch (error) {
-    main.append(errorState(error, () => location.reload()));
+    add(
+      main,
+      errorState(error, () => location.reload()),
+    );
     return;
   }
   if (ctx.stale()) return;
   const usable = bundles.items.filter((b) => !b.quarantined);
   if (!usable.length) {
-    main.append(empty("There is no bundle to deploy.", "Upload one first.", h("a", { class: "button", href: "#/bundles" }, "Go to Bundles")));
+    add(
+      main,
+      empty(
+        "There is no bundle to deploy.",
+        "Upload one first.",
+        h("a", { class: "button", href: "#/bundles" }, "Go to Bundles"),
+      ),
+    );
     return;
   }
   if (!devices.items.length) {
-    main.append(empty("There is no active device to deploy to.", "Devices appear once an agent registers and is admitted."));
+    add(
+      main,
+      empty("There is no active device to deploy to.", "Devices appear once an agent registers and is admitted."),
+    );
     return;
   }
-  const bundle = h("select", { name: "bundle", required: true }, usable.map((b) => h("option", { value: b.id, selected: params.get("bundle") === b.id }, `${b.name} ${b.version}`)));
+  const bundle = h(
+    "select",
+    { name: "bundle", required: true },
+    usable.map((b) => h("option", { value: b.id, selected: params.get("bundle") === b.id }, `${b.name} ${b.version}`)),
+  );
   const byTags = h("input", { type: "radio", name: "mode", value: "tags" });
   const byDevices = h("input", { type: "radio", name: "mode", value: "devices", checked: true });
   const tags = h("input", { name: "tags", placeholder: "e.g. site-berlin, camera", autocomplete: "off" });
@@ -134,21 +204,48 @@ export async function renderNew(ctx) {
     devices.items.map((d) => {
       const box = h("input", { type: "checkbox", name: "device", value: d.id });
       checks.set(d.id, { box, device: d });
-      return h("li", { dataset: { device: d.id } }, h("label", {}, box, " ", d.name || shortId(d.id), " ", badge(d.status), d.bundle?.version ? h("span", { class: "muted" }, ` · ${d.bundle.version}`) : null));
+      return h(
+        "li",
+        { dataset: { device: d.id } },
+        h(
+          "label",
+          {},
+          box,
+          " ",
+          d.name || shortId(d.id),
+          " ",
+          badge(d.status),
+          d.bundle?.version ? h("span", { class: "muted" }, ` · ${d.bundle.version}`) : null,
+        ),
+      );
     }),
   );
   const selectAll = h("button", { type: "button", class: "secondary" }, "Select all shown");
   const supersede = h("input", { type: "checkbox", name: "supersede" });
-  const timeout = h("input", { type: "number", name: "timeout", min: 1, max: 604800, placeholder: "server default", inputmode: "numeric" });
+  const timeout = h("input", {
+    type: "number",
+    name: "timeout",
+    min: 1,
+    max: 604800,
+    placeholder: "server default",
+    inputmode: "numeric",
+  });
   const preview = h("section", { class: "card preview", "aria-labelledby": "preview-h", "aria-live": "polite" });
   const error = h("p", { class: "form-error", role: "alert" });
   const submit = h("button", { type: "submit" }, "Deploy");
   const devicePicker = h("fieldset", {}, h("legend", {}, "Devices"), field("Filter", filter), selectAll, deviceList);
-  const tagPicker = h("div", {}, field("Tags", tags, "Every active device carrying all of these tags (comma-separated)."));
+  const tagPicker = h(
+    "div",
+    {},
+    field("Tags", tags, "Every active device carrying all of these tags (comma-separated)."),
+  );
 
   function targets() {
     if (byTags.checked) {
-      const wanted = tags.value.split(",").map((t) => t.trim()).filter(Boolean);
+      const wanted = tags.value
+        .split(",")
+        .map((t) => t.trim())
+        .filter(Boolean);
       if (!wanted.length) return [];
       return devices.items.filter((d) => wanted.every((t) => d.tags.includes(t)));
     }
@@ -164,9 +261,31 @@ export async function renderNew(ctx) {
       preview,
       h("h2", { id: "preview-h" }, `Targets: ${chosen.length} device${chosen.length === 1 ? "" : "s"}`),
       chosen.length
-        ? h("ul", { class: "plain compact" }, chosen.slice(0, 50).map((d) => h("li", {}, d.name || d.id, " ", badge(d.status), h("span", { class: "muted" }, ` · now ${d.bundle?.version || "no bundle"}`))), chosen.length > 50 ? h("li", { class: "muted" }, `and ${chosen.length - 50} more`) : null)
-        : h("p", { class: "muted" }, byTags.checked ? "No active device carries all of these tags." : "Choose at least one device."),
-      offline ? h("p", { class: "hint" }, `${offline} of them are not online: they get the update when they reconnect.`) : null,
+        ? h(
+            "ul",
+            { class: "plain compact" },
+            chosen
+              .slice(0, 50)
+              .map((d) =>
+                h(
+                  "li",
+                  {},
+                  d.name || d.id,
+                  " ",
+                  badge(d.status),
+                  h("span", { class: "muted" }, ` · now ${d.bundle?.version || "no bundle"}`),
+                ),
+              ),
+            chosen.length > 50 ? h("li", { class: "muted" }, `and ${chosen.length - 50} more`) : null,
+          )
+        : h(
+            "p",
+            { class: "muted" },
+            byTags.checked ? "No active device carries all of these tags." : "Choose at least one device.",
+          ),
+      offline
+        ? h("p", { class: "hint" }, `${offline} of them are not online: they get the update when they reconnect.`)
+        : null,
     );
     submit.disabled = !chosen.length;
   }
@@ -174,11 +293,13 @@ export async function renderNew(ctx) {
   filter.addEventListener("input", () => {
     const text = filter.value.trim().toLowerCase();
     for (const [id, { device }] of checks) {
-      deviceList.querySelector(`[data-device="${CSS.escape(id)}"]`).hidden = Boolean(text) && !`${device.name || ""} ${id}`.toLowerCase().includes(text);
+      deviceList.querySelector(`[data-device="${CSS.escape(id)}"]`).hidden =
+        Boolean(text) && !`${device.name || ""} ${id}`.toLowerCase().includes(text);
     }
   });
   selectAll.addEventListener("click", () => {
-    for (const [id, { box }] of checks) if (!deviceList.querySelector(`[data-device="${CSS.escape(id)}"]`).hidden) box.checked = true;
+    for (const [id, { box }] of checks)
+      if (!deviceList.querySelector(`[data-device="${CSS.escape(id)}"]`).hidden) box.checked = true;
     showPreview();
   });
 
@@ -193,7 +314,11 @@ export async function renderNew(ctx) {
         error.textContent = "";
         const body = { bundle_id: bundle.value, supersede: supersede.checked };
         if (timeout.value) body.timeout_s = Number(timeout.value);
-        if (byTags.checked) body.tags = tags.value.split(",").map((t) => t.trim()).filter(Boolean);
+        if (byTags.checked)
+          body.tags = tags.value
+            .split(",")
+            .map((t) => t.trim())
+            .filter(Boolean);
         else body.device_ids = targets().map((d) => d.id);
         submit.disabled = true;
         try {
@@ -210,7 +335,13 @@ export async function renderNew(ctx) {
       },
     },
     field("Bundle", bundle),
-    h("fieldset", { class: "inline" }, h("legend", {}, "Choose targets by"), h("label", {}, byDevices, " devices"), h("label", {}, byTags, " tags")),
+    h(
+      "fieldset",
+      { class: "inline" },
+      h("legend", {}, "Choose targets by"),
+      h("label", {}, byDevices, " devices"),
+      h("label", {}, byTags, " tags"),
+    ),
     devicePicker,
     tagPicker,
     h("label", { class: "check" }, supersede, " Replace deployments in progress on these devices"),
@@ -218,7 +349,7 @@ export async function renderNew(ctx) {
     error,
     h("div", { class: "actions" }, submit),
   );
-  main.append(h("div", { class: "grid-2" }, form, preview));
+  add(main, h("div", { class: "grid-2" }, form, preview));
   showPreview();
 }
 
@@ -230,7 +361,14 @@ export async function renderDetail(ctx) {
   const summary = h("section", { class: "card", "aria-label": "Summary" });
   const actions = h("div", { class: "actions" });
   const targetsBox = h("section", { class: "card", "aria-labelledby": "targets-h" });
-  main.append(h("p", { class: "crumbs" }, h("a", { href: "#/deployments" }, "Deployments"), " / "), heading, actions, summary, targetsBox);
+  add(
+    main,
+    h("p", { class: "crumbs" }, h("a", { href: "#/deployments" }, "Deployments"), " / "),
+    heading,
+    actions,
+    summary,
+    targetsBox,
+  );
   let deployment = null;
   const rows = new Map();
 
@@ -255,12 +393,22 @@ export async function renderDetail(ctx) {
     const cancellable = ctx.can("operator") && ACTIVE.has(d.status);
     if (actions.dataset.cancellable !== String(cancellable)) {
       actions.dataset.cancellable = String(cancellable);
-      clear(actions, cancellable ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel deployment") : null);
+      clear(
+        actions,
+        cancellable ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel deployment") : null,
+      );
     }
   }
 
   async function cancel() {
-    if (!(await confirmDialog("Cancel this deployment?", "Devices that have not finished are told to stop; devices that already installed keep the bundle.", "Cancel deployment"))) return;
+    if (
+      !(await confirmDialog(
+        "Cancel this deployment?",
+        "Devices that have not finished are told to stop; devices that already installed keep the bundle.",
+        "Cancel deployment",
+      ))
+    )
+      return;
     try {
       deployment = await api("POST", `${path}/cancel`);
       notify("Deployment cancelled.");
@@ -276,10 +424,11 @@ export async function renderDetail(ctx) {
     const targets = deployment.targets;
     clear(targetsBox, h("h2", { id: "targets-h" }, `Devices (${deployment.total})`));
     if (!targets.length) {
-      targetsBox.append(empty("This deployment has no targets."));
+      add(targetsBox, empty("This deployment has no targets."));
       return;
     }
-    targetsBox.append(
+    add(
+      targetsBox,
       h(
         "div",
         { class: "table-wrap" },
@@ -287,11 +436,21 @@ export async function renderDetail(ctx) {
           "table",
           { class: "table stack" },
           h("caption", { class: "visually-hidden" }, "Per-device progress; updates live"),
-          h("thead", {}, h("tr", {}, ["Device", "Status", "Error", "Started", "Updated", "Finished"].map((c) => h("th", { scope: "col" }, c)))),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              ["Device", "Status", "Error", "Started", "Updated", "Finished"].map((c) => h("th", { scope: "col" }, c)),
+            ),
+          ),
           h("tbody", {}, targets.map(targetRow)),
         ),
       ),
-      deployment.total > targets.length ? h("p", { class: "muted" }, `Showing ${targets.length} of ${deployment.total} devices.`) : null,
+      deployment.total > targets.length
+        ? h("p", { class: "muted" }, `Showing ${targets.length} of ${deployment.total} devices.`)
+        : null,
     );
   }
 
@@ -304,7 +463,20 @@ export async function renderDetail(ctx) {
       finished: h("td", { "data-label": "Finished" }, when(t.finished_at)),
     };
     rows.set(t.device_id, cells);
-    return h("tr", { dataset: { target: t.device_id } }, h("th", { scope: "row", "data-label": "Device" }, h("a", { href: `#/devices/${encodeURIComponent(t.device_id)}` }, shortId(t.device_id))), cells.status, cells.error, cells.started, cells.updated, cells.finished);
+    return h(
+      "tr",
+      { dataset: { target: t.device_id } },
+      h(
+        "th",
+        { scope: "row", "data-label": "Device" },
+        h("a", { href: `#/devices/${encodeURIComponent(t.device_id)}` }, shortId(t.device_id)),
+      ),
+      cells.status,
+      cells.error,
+      cells.started,
+      cells.updated,
+      cells.finished,
+    );
   }
 
   async function load() {

@@ -5,7 +5,21 @@
 
 import { ApiError, api } from "../api.js";
 import { lineChart } from "../chart.js";
-import { ago, badge, clear, confirmDialog, empty, errorState, field, formatNumber, h, notify, throttle, when } from "../dom.js";
+import {
+  add,
+  ago,
+  badge,
+  clear,
+  confirmDialog,
+  empty,
+  errorState,
+  field,
+  formatNumber,
+  h,
+  notify,
+  throttle,
+  when,
+} from "../dom.js";
 
 const WINDOWS = [
   [15, "Last 15 minutes"],
@@ -34,16 +48,27 @@ export async function render(ctx) {
   const facts = h("section", { class: "card", "aria-label": "Device state" });
   const actions = h("div", { class: "actions" });
   const charts = h("div", { class: "charts" });
-  const windowSelect = h("select", { name: "window" }, WINDOWS.map(([minutes, label]) => h("option", { value: minutes, selected: minutes === 60 }, label)));
+  const windowSelect = h(
+    "select",
+    { name: "window" },
+    WINDOWS.map(([minutes, label]) => h("option", { value: minutes, selected: minutes === 60 }, label)),
+  );
   const metricsNote = h("p", { class: "muted small" });
   const history = h("section", { class: "card", "aria-labelledby": "history-h" });
   const config = h("section", { class: "card", "aria-labelledby": "config-h" });
-  main.append(
+  add(
+    main,
     h("p", { class: "crumbs" }, h("a", { href: "#/devices" }, "Devices"), " / "),
     heading,
     actions,
     facts,
-    h("section", { class: "card", "aria-labelledby": "metrics-h" }, h("div", { class: "section-head" }, h("h2", { id: "metrics-h" }, "Metrics"), field("Window", windowSelect)), charts, metricsNote),
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "metrics-h" },
+      h("div", { class: "section-head" }, h("h2", { id: "metrics-h" }, "Metrics"), field("Window", windowSelect)),
+      charts,
+      metricsNote,
+    ),
     history,
     config,
   );
@@ -99,7 +124,10 @@ export async function render(ctx) {
       notify(`Rollback to ${deployment.bundle_version} started.`);
       location.hash = `#/deployments/${deployment.id}`;
     } catch (error) {
-      notify(error.status === 409 || error.status === 404 ? `Cannot roll back: ${error.message}` : error.message, "bad");
+      notify(
+        error.status === 409 || error.status === 404 ? `Cannot roll back: ${error.message}` : error.message,
+        "bad",
+      );
     }
   }
 
@@ -115,7 +143,12 @@ export async function render(ctx) {
       drawCharts();
       const newest = beats[beats.length - 1];
       if (newest && device) {
-        device.metrics = { cpu_percent: newest.cpu_percent, memory_mb: newest.memory_mb, disk_free_mb: newest.disk_free_mb, uptime_s: newest.uptime_s };
+        device.metrics = {
+          cpu_percent: newest.cpu_percent,
+          memory_mb: newest.memory_mb,
+          disk_free_mb: newest.disk_free_mb,
+          uptime_s: newest.uptime_s,
+        };
         showDevice(device);
       }
     } catch (error) {
@@ -131,7 +164,13 @@ export async function render(ctx) {
     clear(
       charts,
       METRICS.map(([key, title, unit]) =>
-        lineChart({ title, unit, from, to, points: inWindow.map((b) => ({ t: Date.parse(b.ts), v: b[key] })).filter((p) => p.v !== null) }),
+        lineChart({
+          title,
+          unit,
+          from,
+          to,
+          points: inWindow.map((b) => ({ t: Date.parse(b.ts), v: b[key] })).filter((p) => p.v !== null),
+        }),
       ),
     );
     metricsNote.textContent =
@@ -145,7 +184,8 @@ export async function render(ctx) {
     try {
       const page = await api("GET", `${path}/bundle-history`, { params: { limit: 20 } });
       if (ctx.stale()) return;
-      history.append(
+      add(
+        history,
         page.items.length
           ? h(
               "div",
@@ -153,7 +193,15 @@ export async function render(ctx) {
               h(
                 "table",
                 { class: "table stack" },
-                h("thead", {}, h("tr", {}, ["Bundle", "Result", "Deployment", "Started", "Finished"].map((c) => h("th", { scope: "col" }, c)))),
+                h(
+                  "thead",
+                  {},
+                  h(
+                    "tr",
+                    {},
+                    ["Bundle", "Result", "Deployment", "Started", "Finished"].map((c) => h("th", { scope: "col" }, c)),
+                  ),
+                ),
                 h(
                   "tbody",
                   {},
@@ -161,9 +209,18 @@ export async function render(ctx) {
                     h(
                       "tr",
                       {},
-                      h("td", { "data-label": "Bundle" }, h("a", { href: `#/bundles/${e.bundle_id}` }, `${e.bundle_name || "bundle"} ${e.version}`), e.rollback ? " (rollback)" : ""),
+                      h(
+                        "td",
+                        { "data-label": "Bundle" },
+                        h("a", { href: `#/bundles/${e.bundle_id}` }, `${e.bundle_name || "bundle"} ${e.version}`),
+                        e.rollback ? " (rollback)" : "",
+                      ),
                       h("td", { "data-label": "Result" }, badge(e.result)),
-                      h("td", { "data-label": "Deployment" }, e.deployment_id ? h("a", { href: `#/deployments/${e.deployment_id}` }, "view") : "—"),
+                      h(
+                        "td",
+                        { "data-label": "Deployment" },
+                        e.deployment_id ? h("a", { href: `#/deployments/${e.deployment_id}` }, "view") : "—",
+                      ),
                       h("td", { "data-label": "Started" }, when(e.started_at)),
                       h("td", { "data-label": "Finished" }, when(e.finished_at)),
                     ),
@@ -171,10 +228,13 @@ export async function render(ctx) {
                 ),
               ),
             )
-          : empty("No bundle has been deployed to this device yet.", "Create a deployment that targets it from the Deployments page."),
+          : empty(
+              "No bundle has been deployed to this device yet.",
+              "Create a deployment that targets it from the Deployments page.",
+            ),
       );
     } catch (error) {
-      if (!ctx.stale()) history.append(errorState(error, loadHistory));
+      if (!ctx.stale()) add(history, errorState(error, loadHistory));
     }
   }
 
@@ -194,20 +254,41 @@ export async function render(ctx) {
     const values = desired ? desired.values : null;
     const overrides = desired ? desired.overrides : {};
     const rows = [...SETTINGS, ["log_level", "Log level"]].map(([key, label]) =>
-      h("tr", {}, h("th", { scope: "row" }, label), h("td", { "data-label": "Desired" }, values ? String(values[key]) : "defaults"), h("td", { "data-label": "Override" }, overrides[key] ?? "—")),
+      h(
+        "tr",
+        {},
+        h("th", { scope: "row" }, label),
+        h("td", { "data-label": "Desired" }, values ? String(values[key]) : "defaults"),
+        h("td", { "data-label": "Override" }, overrides[key] ?? "—"),
+      ),
     );
     const sync = view.in_sync
-      ? h("p", { class: "sync tone-good", role: "status" }, "In sync: the device reported applying the desired version.")
-      : h("p", { class: "sync tone-warn", role: "status" }, `Waiting for the device: desired version ${desired ? desired.version : "—"}, reported ${view.reported.version ?? "none"}.`);
+      ? h(
+          "p",
+          { class: "sync tone-good", role: "status" },
+          "In sync: the device reported applying the desired version.",
+        )
+      : h(
+          "p",
+          { class: "sync tone-warn", role: "status" },
+          `Waiting for the device: desired version ${desired ? desired.version : "—"}, reported ${view.reported.version ?? "none"}.`,
+        );
     clear(
       config,
       h("h2", { id: "config-h" }, "Configuration"),
       sync,
-      view.reported.error ? h("p", { class: "form-error", role: "alert" }, `The device could not apply it: ${view.reported.error}`) : null,
+      view.reported.error
+        ? h("p", { class: "form-error", role: "alert" }, `The device could not apply it: ${view.reported.error}`)
+        : null,
       h(
         "dl",
         { class: "facts" },
-        fact("Desired version", desired ? h("span", {}, String(desired.version), " · ", desired.command_state ? badge(desired.command_state) : "") : "none set (fleet defaults)"),
+        fact(
+          "Desired version",
+          desired
+            ? h("span", {}, String(desired.version), " · ", desired.command_state ? badge(desired.command_state) : "")
+            : "none set (fleet defaults)",
+        ),
         fact("Reported version", view.reported.version ?? "none reported"),
         fact("Applied", when(view.reported.applied_at)),
         fact("Set by", desired ? `${desired.created_by || "—"}, ` : "—", desired ? when(desired.created_at) : null),
@@ -215,9 +296,27 @@ export async function render(ctx) {
       h(
         "div",
         { class: "table-wrap" },
-        h("table", { class: "table" }, h("caption", {}, "Desired settings (fleet defaults merged with this device's overrides)"), h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Setting"), h("th", { scope: "col" }, "Desired"), h("th", { scope: "col" }, "Override"))), h("tbody", {}, rows)),
+        h(
+          "table",
+          { class: "table" },
+          h("caption", {}, "Desired settings (fleet defaults merged with this device's overrides)"),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              h("th", { scope: "col" }, "Setting"),
+              h("th", { scope: "col" }, "Desired"),
+              h("th", { scope: "col" }, "Override"),
+            ),
+          ),
+          h("tbody", {}, rows),
+        ),
       ),
-      values && Object.keys(values.extra || {}).length ? h("pre", { class: "code" }, JSON.stringify(values.extra, null, 2)) : null,
+      values && Object.keys(values.extra || {}).length
+        ? h("pre", { class: "code" }, JSON.stringify(values.extra, null, 2))
+        : null,
       ctx.can("operator") ? editor(overrides) : null,
     );
   }
@@ -225,10 +324,28 @@ export async function render(ctx) {
   function editor(overrides) {
     const inputs = {};
     for (const [key] of SETTINGS) {
-      inputs[key] = h("input", { type: "number", min: 1, max: 86400, name: key, value: overrides[key] ?? "", placeholder: "fleet default", inputmode: "numeric" });
+      inputs[key] = h("input", {
+        type: "number",
+        min: 1,
+        max: 86400,
+        name: key,
+        value: overrides[key] ?? "",
+        placeholder: "fleet default",
+        inputmode: "numeric",
+      });
     }
-    inputs.log_level = h("select", { name: "log_level" }, ["", "DEBUG", "INFO", "WARNING", "ERROR"].map((v) => h("option", { value: v, selected: (overrides.log_level || "") === v }, v || "fleet default")));
-    const extra = h("textarea", { name: "extra", rows: 4, spellcheck: "false" }, overrides.extra && Object.keys(overrides.extra).length ? JSON.stringify(overrides.extra, null, 2) : "");
+    inputs.log_level = h(
+      "select",
+      { name: "log_level" },
+      ["", "DEBUG", "INFO", "WARNING", "ERROR"].map((v) =>
+        h("option", { value: v, selected: (overrides.log_level || "") === v }, v || "fleet default"),
+      ),
+    );
+    const extra = h(
+      "textarea",
+      { name: "extra", rows: 4, spellcheck: "false" },
+      overrides.extra && Object.keys(overrides.extra).length ? JSON.stringify(overrides.extra, null, 2) : "",
+    );
     const error = h("p", { class: "form-error", role: "alert" });
     const save = h("button", { type: "submit" }, "Save and send to the device");
     const form = h(
@@ -245,7 +362,7 @@ export async function render(ctx) {
             try {
               body.extra = JSON.parse(extra.value);
             } catch {
-              error.textContent = "Extra settings must be a JSON object, e.g. {\"site\": \"berlin\"}.";
+              error.textContent = 'Extra settings must be a JSON object, e.g. {"site": "berlin"}.';
               extra.focus();
               return;
             }
@@ -266,11 +383,36 @@ export async function render(ctx) {
         },
       },
       h("h3", {}, "Edit this device's overrides"),
-      h("p", { class: "hint" }, "Leave a field empty to use the fleet default. Saving sends a new signed configuration version to the device."),
-      h("div", { class: "form-grid" }, SETTINGS.map(([key, label]) => field(label, inputs[key])), field("Log level", inputs.log_level)),
+      h(
+        "p",
+        { class: "hint" },
+        "Leave a field empty to use the fleet default. Saving sends a new signed configuration version to the device.",
+      ),
+      h(
+        "div",
+        { class: "form-grid" },
+        SETTINGS.map(([key, label]) => field(label, inputs[key])),
+        field("Log level", inputs.log_level),
+      ),
       field("Extra settings (JSON object)", extra, "Free-form scalar values, up to 64 keys."),
       error,
-      h("div", { class: "actions" }, save, h("button", { type: "button", class: "secondary", onclick: () => { editing = false; loadConfig(); } }, "Discard changes")),
+      h(
+        "div",
+        { class: "actions" },
+        save,
+        h(
+          "button",
+          {
+            type: "button",
+            class: "secondary",
+            onclick: () => {
+              editing = false;
+              loadConfig();
+            },
+          },
+          "Discard changes",
+        ),
+      ),
     );
     return form;
   }
@@ -282,7 +424,11 @@ export async function render(ctx) {
       return true;
     } catch (error) {
       if (!ctx.stale()) {
-        clear(main, h("h1", {}, "Device"), errorState(error, () => render(ctx)));
+        clear(
+          main,
+          h("h1", {}, "Device"),
+          errorState(error, () => render(ctx)),
+        );
       }
       return false;
     }
@@ -303,7 +449,11 @@ export async function render(ctx) {
     const change = data.items.find((d) => d.id === id);
     if (!change || !device) return;
     if (change.removed) {
-      clear(main, h("h1", {}, "Device removed"), h("p", {}, "This device no longer exists. ", h("a", { href: "#/devices" }, "Back to the device list.")));
+      clear(
+        main,
+        h("h1", {}, "Device removed"),
+        h("p", {}, "This device no longer exists. ", h("a", { href: "#/devices" }, "Back to the device list.")),
+      );
       return;
     }
     const moved = change.status !== device.status || change.state !== device.state || change.health !== device.health;

@@ -1,7 +1,7 @@
 // Device list: filter by status and admission state, search, sort, page; rows update live.
 
 import { api } from "../api.js";
-import { ago, badge, clear, debounce, empty, errorState, field, h, shortId, throttle } from "../dom.js";
+import { add, ago, badge, clear, debounce, empty, errorState, field, h, shortId, throttle } from "../dom.js";
 
 const PAGE = 100;
 const SORTS = {
@@ -16,14 +16,24 @@ export async function render(ctx) {
   const status = h(
     "select",
     { name: "status" },
-    ["", "online", "offline", "unknown"].map((v) => h("option", { value: v, selected: params.get("status") === v }, v || "Any status")),
+    ["", "online", "offline", "unknown"].map((v) =>
+      h("option", { value: v, selected: params.get("status") === v }, v || "Any status"),
+    ),
   );
   const state = h(
     "select",
     { name: "state" },
-    ["", "active", "pending", "rejected", "revoked"].map((v) => h("option", { value: v, selected: params.get("state") === v }, v || "Any admission state")),
+    ["", "active", "pending", "rejected", "revoked"].map((v) =>
+      h("option", { value: v, selected: params.get("state") === v }, v || "Any admission state"),
+    ),
   );
-  const search = h("input", { type: "search", name: "q", value: params.get("q") || "", placeholder: "Name or id", autocomplete: "off" });
+  const search = h("input", {
+    type: "search",
+    name: "q",
+    value: params.get("q") || "",
+    placeholder: "Name or id",
+    autocomplete: "off",
+  });
   const sort = h(
     "select",
     { name: "sort" },
@@ -37,9 +47,17 @@ export async function render(ctx) {
   const summary = h("p", { class: "muted", role: "status" });
   const list = h("div", { class: "table-wrap" });
   const pager = h("div", { class: "pager" });
-  main.append(
+  add(
+    main,
     h("h1", {}, "Devices"),
-    h("form", { class: "filters", role: "search", onsubmit: (e) => e.preventDefault() }, field("Status", status), field("Admission", state), field("Search", search), field("Sort by", sort)),
+    h(
+      "form",
+      { class: "filters", role: "search", onsubmit: (e) => e.preventDefault() },
+      field("Status", status),
+      field("Admission", state),
+      field("Search", search),
+      field("Sort by", sort),
+    ),
     summary,
     list,
     pager,
@@ -59,7 +77,12 @@ export async function render(ctx) {
     const tr = h(
       "tr",
       { dataset: { device: d.id } },
-      h("th", { scope: "row", "data-label": "Device" }, h("a", { href: `#/devices/${encodeURIComponent(d.id)}` }, d.name || shortId(d.id)), h("span", { class: "muted mono small" }, shortId(d.id))),
+      h(
+        "th",
+        { scope: "row", "data-label": "Device" },
+        h("a", { href: `#/devices/${encodeURIComponent(d.id)}` }, d.name || shortId(d.id)),
+        h("span", { class: "muted mono small" }, shortId(d.id)),
+      ),
       cells.status,
       h("td", { "data-label": "Admission" }, badge(d.state)),
       cells.version,
@@ -73,14 +96,19 @@ export async function render(ctx) {
   function show() {
     rows.clear();
     const sorted = [...items].sort(SORTS[sort.value] || SORTS.name);
-    summary.textContent = total ? `${total} device${total === 1 ? "" : "s"}${total > PAGE ? `, showing ${offset + 1}–${Math.min(offset + PAGE, total)}` : ""}` : "";
+    summary.textContent = total
+      ? `${total} device${total === 1 ? "" : "s"}${total > PAGE ? `, showing ${offset + 1}–${Math.min(offset + PAGE, total)}` : ""}`
+      : "";
     if (!sorted.length) {
       const filtered = status.value || state.value || search.value;
       clear(
         list,
         filtered
           ? empty("No device matches these filters.", "Clear the search or choose “Any status” to see the whole fleet.")
-          : empty("No devices have registered yet.", "Run `kernex agent run --api <this server's URL>` on a device, or `kernex up --devices 3` to try simulated ones."),
+          : empty(
+              "No devices have registered yet.",
+              "Run `kernex agent run --api <this server's URL>` on a device, or `kernex up --devices 3` to try simulated ones.",
+            ),
       );
     } else {
       clear(
@@ -89,15 +117,33 @@ export async function render(ctx) {
           "table",
           { class: "table stack" },
           h("caption", { class: "visually-hidden" }, "Devices; status and last seen update live"),
-          h("thead", {}, h("tr", {}, ["Device", "Status", "Admission", "Version", "Last seen", "Tags"].map((c) => h("th", { scope: "col" }, c)))),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              ["Device", "Status", "Admission", "Version", "Last seen", "Tags"].map((c) =>
+                h("th", { scope: "col" }, c),
+              ),
+            ),
+          ),
           h("tbody", {}, sorted.map(row)),
         ),
       );
     }
     clear(
       pager,
-      offset > 0 ? h("button", { type: "button", class: "secondary", onclick: () => go(Math.max(0, offset - PAGE)) }, "Previous page") : null,
-      offset + PAGE < total ? h("button", { type: "button", class: "secondary", onclick: () => go(offset + PAGE) }, "Next page") : null,
+      offset > 0
+        ? h(
+            "button",
+            { type: "button", class: "secondary", onclick: () => go(Math.max(0, offset - PAGE)) },
+            "Previous page",
+          )
+        : null,
+      offset + PAGE < total
+        ? h("button", { type: "button", class: "secondary", onclick: () => go(offset + PAGE) }, "Next page")
+        : null,
     );
   }
 
@@ -120,7 +166,13 @@ export async function render(ctx) {
     offset = newOffset;
     // The filters live in the URL, so reload, back and shared links keep them.
     const query = new URLSearchParams();
-    for (const [key, el] of [["status", status], ["state", state], ["q", search], ["sort", sort]]) if (el.value) query.set(key, el.value);
+    for (const [key, el] of [
+      ["status", status],
+      ["state", state],
+      ["q", search],
+      ["sort", sort],
+    ])
+      if (el.value) query.set(key, el.value);
     if (offset) query.set("offset", String(offset));
     history.replaceState(null, "", `#/devices${query.toString() ? `?${query}` : ""}`);
     load();
@@ -128,7 +180,10 @@ export async function render(ctx) {
 
   status.addEventListener("change", () => go(0));
   state.addEventListener("change", () => go(0));
-  search.addEventListener("input", debounce(() => go(0), 300));
+  search.addEventListener(
+    "input",
+    debounce(() => go(0), 300),
+  );
   sort.addEventListener("change", () => go(offset));
 
   ctx.on("refresh", reload);
@@ -141,15 +196,25 @@ export async function render(ctx) {
         if (!change.removed && !offset) refetch = true;
         continue;
       }
-      if (change.removed || (status.value && change.status !== status.value) || (state.value && change.state !== state.value)) {
+      if (
+        change.removed ||
+        (status.value && change.status !== status.value) ||
+        (state.value && change.state !== state.value)
+      ) {
         refetch = true;
         continue;
       }
       const d = known.device;
       if (d.status !== change.status) clear(known.cells.status, badge(change.status));
       if (d.last_seen_at !== change.last_seen_at) clear(known.cells.seen, ago(change.last_seen_at));
-      if ((d.bundle?.version || null) !== change.bundle_version) known.cells.version.textContent = change.bundle_version || "—";
-      Object.assign(d, { status: change.status, state: change.state, last_seen_at: change.last_seen_at, bundle: { ...d.bundle, version: change.bundle_version } });
+      if ((d.bundle?.version || null) !== change.bundle_version)
+        known.cells.version.textContent = change.bundle_version || "—";
+      Object.assign(d, {
+        status: change.status,
+        state: change.state,
+        last_seen_at: change.last_seen_at,
+        bundle: { ...d.bundle, version: change.bundle_version },
+      });
     }
     if (refetch) reload();
   });

@@ -1,7 +1,7 @@
 // Fleet overview: counts, versions in the field, active deployments and recent failures.
 
 import { api } from "../api.js";
-import { ago, badge, clear, empty, errorState, formatNumber, h, progress, throttle } from "../dom.js";
+import { add, ago, badge, clear, empty, errorState, formatNumber, h, progress, throttle } from "../dom.js";
 
 const FAILED = new Set(["failed", "partially_failed"]);
 const ACTIVE = new Set(["pending", "in_progress"]);
@@ -13,14 +13,15 @@ export async function render(ctx) {
   const versions = h("section", { class: "card", "aria-labelledby": "versions-h" });
   const active = h("section", { class: "card", "aria-labelledby": "active-h" });
   const failures = h("section", { class: "card", "aria-labelledby": "failures-h" });
-  main.append(h("h1", {}, "Fleet overview"), cards, h("div", { class: "grid-2" }, versions, active), failures);
+  add(main, h("h1", {}, "Fleet overview"), cards, h("div", { class: "grid-2" }, versions, active), failures);
 
   const numbers = {};
   function card(key, label, href, tone) {
     numbers[key] = h("span", { class: "card-number", dataset: { count: key } }, "…");
     return h("a", { class: `card stat tone-${tone}`, href }, numbers[key], h("span", { class: "card-label" }, label));
   }
-  cards.append(
+  add(
+    cards,
     card("total", "Devices", "#/devices", "muted"),
     card("online", "Online", "#/devices?status=online", "good"),
     card("offline", "Offline", "#/devices?status=offline", "bad"),
@@ -36,17 +37,30 @@ export async function render(ctx) {
     const rows = Object.entries(byVersion).sort((a, b) => b[1] - a[1]);
     clear(versions, h("h2", { id: "versions-h" }, "Versions in the field"));
     if (!rows.length) {
-      versions.append(empty("No devices yet.", "Start an agent (`kernex agent run --api <this server>`) or `kernex up --devices 3` to see versions here."));
+      add(
+        versions,
+        empty(
+          "No devices yet.",
+          "Start an agent (`kernex agent run --api <this server>`) or `kernex up --devices 3` to see versions here.",
+        ),
+      );
       return;
     }
-    versions.append(
+    add(
+      versions,
       h(
         "ul",
         { class: "versions" },
         rows.map(([version, count]) => {
           const bar = h("span", { class: "version-bar" });
           bar.style.width = `${total ? (100 * count) / total : 0}%`;
-          return h("li", {}, h("span", { class: "version-name" }, version === "none" ? "no bundle" : version), h("span", { class: "version-track" }, bar), h("span", { class: "version-count" }, formatNumber(count)));
+          return h(
+            "li",
+            {},
+            h("span", { class: "version-name" }, version === "none" ? "no bundle" : version),
+            h("span", { class: "version-track" }, bar),
+            h("span", { class: "version-count" }, formatNumber(count)),
+          );
         }),
       ),
     );
@@ -56,7 +70,12 @@ export async function render(ctx) {
     return h(
       "li",
       { class: "deployment-row" },
-      h("a", { href: `#/deployments/${d.id}` }, `${d.bundle_name} ${d.bundle_version}`, d.rollback ? " (rollback)" : ""),
+      h(
+        "a",
+        { href: `#/deployments/${d.id}` },
+        `${d.bundle_name} ${d.bundle_version}`,
+        d.rollback ? " (rollback)" : "",
+      ),
       badge(d.status),
       progress(d.counts, d.total),
       h("span", { class: "muted" }, "started ", ago(d.created_at)),
@@ -66,17 +85,28 @@ export async function render(ctx) {
   function showDeployments(items) {
     const running = items.filter((d) => ACTIVE.has(d.status));
     clear(active, h("h2", { id: "active-h" }, "Active deployments"));
-    active.append(
+    add(
+      active,
       running.length
         ? h("ul", { class: "plain" }, running.map(deploymentRow))
-        : empty("Nothing is being deployed.", "Upload a bundle, then create a deployment to roll it out.", h("a", { href: "#/deployments/new", class: "button" }, "New deployment")),
+        : empty(
+            "Nothing is being deployed.",
+            "Upload a bundle, then create a deployment to roll it out.",
+            h("a", { href: "#/deployments/new", class: "button" }, "New deployment"),
+          ),
     );
-    const failed = items.filter((d) => FAILED.has(d.status) || (d.counts && (d.counts.failed || d.counts.rolled_back))).slice(0, 8);
+    const failed = items
+      .filter((d) => FAILED.has(d.status) || (d.counts && (d.counts.failed || d.counts.rolled_back)))
+      .slice(0, 8);
     clear(failures, h("h2", { id: "failures-h" }, "Recent failures"));
-    failures.append(
+    add(
+      failures,
       failed.length
         ? h("ul", { class: "plain" }, failed.map(deploymentRow))
-        : empty("No failed deployments recently.", "Failures of the latest 50 deployments show here with links to each device's error."),
+        : empty(
+            "No failed deployments recently.",
+            "Failures of the latest 50 deployments show here with links to each device's error.",
+          ),
     );
   }
 
