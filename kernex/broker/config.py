@@ -12,6 +12,7 @@ from pathlib import Path
 from kernex.broker._files import atomic_write, ensure_private_dir
 from kernex.broker.acl import render_acl
 from kernex.broker.exceptions import BrokerConfigError
+from kernex.broker.integrators import IntegratorRegistry
 from kernex.broker.pki import FleetPKI
 from kernex.broker.settings import BrokerSettings
 from kernex.protocol.exceptions import TopicError
@@ -21,7 +22,7 @@ from kernex.protocol.topics import Topics
 TEMPLATE_RESOURCE = "mosquitto.conf.template"
 # In an editable checkout the template is the repo-root file, two levels above this package.
 CHECKOUT_TEMPLATE = Path(__file__).resolve().parents[2] / "mosquitto.conf"
-CONF_NAME = "mosquitto.conf"
+CONF_NAME = "mosquitto.conf"  # also kernex.broker.integrators.CONF_NAME
 ACL_NAME = "acl"
 PERSISTENCE_DIR_NAME = "data"
 MAX_PORT = 65_535
@@ -100,7 +101,8 @@ def render(
             f"mosquitto.conf template has an unknown or malformed placeholder: {exc}"
         ) from None
     # The ACL first: a config pointing at a missing ACL would make Mosquitto refuse to start.
-    atomic_write(acl_path, render_acl(topics).encode("utf-8"))
+    integrators = IntegratorRegistry(pki).active_identities()
+    atomic_write(acl_path, render_acl(topics, integrators=integrators).encode("utf-8"))
     atomic_write(conf_path, conf.encode("utf-8"))
     return RenderedBroker(
         conf_path=conf_path,

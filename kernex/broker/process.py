@@ -14,6 +14,7 @@ from typing import IO, Self
 
 from kernex.broker.config import RenderedBroker
 from kernex.broker.exceptions import BrokerError, BrokerStartError
+from kernex.broker.integrators import PID_NAME
 from kernex.broker.pki import INGEST_IDENTITY, FleetPKI
 from kernex.kit.logs import get_logger
 
@@ -131,7 +132,13 @@ class MosquittoProcess:
         except BaseException:
             self.stop()
             raise
+        # For `kernex integrations`, which reloads this broker after changing its ACL.
+        self._pid_path.write_text(f"{self._proc.pid}\n", encoding="ascii")
         log.info("mosquitto started", pid=self._proc.pid, port=self._port, conf=str(self.conf_path))
+
+    @property
+    def _pid_path(self) -> Path:
+        return self.conf_path.parent / PID_NAME
 
     def stop(self) -> None:
         """SIGTERM, wait, and SIGKILL if Mosquitto has not exited in time. Idempotent."""
@@ -150,6 +157,7 @@ class MosquittoProcess:
             self.returncode = proc.returncode
         finally:
             self._proc = None
+            self._pid_path.unlink(missing_ok=True)
             self._close_log()
 
     def reload(self) -> None:

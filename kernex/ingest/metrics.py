@@ -82,6 +82,16 @@ class IngestMetrics:
             "QoS 0 messages dropped because the buffer was full (QoS 1 is never dropped).",
             registry=self.registry,
         )
+        self.fleet_published = Counter(
+            "kernex_ingest_fleet_published_total",
+            "Verified messages queued for republication on the integrators' fleet topics.",
+            registry=self.registry,
+        )
+        self.fleet_dropped = Counter(
+            "kernex_ingest_fleet_dropped_total",
+            "Fleet messages dropped because the publish queue was full (ingest is never slowed).",
+            registry=self.registry,
+        )
         # Pre-create every label combination so dashboards see zeros instead of gaps.
         for reason in RejectReason:
             self.rejected.labels(reason=reason.value)

@@ -5,7 +5,7 @@ Flow (DESIGN.md "Delivery guarantees"):
     paho network thread ──call_soon_threadsafe──▶ Inbox ──▶ collect: batch + verify
                                                               │ (one batch ahead)
                                                               ▼
-                                     commit: write in one transaction ──▶ PUBACK every message
+                  commit: write in one transaction ──▶ republish on fleet/... ──▶ PUBACK every message
 
 - A persistent MQTT 5 session (fixed client id, clean_start=False, session expiry > 0) makes the
   broker keep unacknowledged and newly published messages while the worker is away.
@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kernex.broker.exceptions import PKIError
 from kernex.broker.pki import INGEST_IDENTITY, FleetPKI
 from kernex.ingest.exceptions import BrokerConnectionError, IngestConfigError, IngestError, WriteError
+from kernex.ingest.fleet import FLEET_MAX_QUEUED, FleetRepublisher
 from kernex.ingest.inbox import Inbox, Incoming
 from kernex.ingest.keys import KeyCache
 from kernex.ingest.metrics import IngestMetrics, Outcome
@@ -150,6 +151,7 @@ class IngestWorker:
             ),
         )
         self.writer = BatchWriter(self.engine)
+        self.fleet = FleetRepublisher(self.topics, self.metrics)
         # Room for the batch being committed, the one verified ahead, and the one filling.
         self.capacity = min(RECEIVE_MAXIMUM_LIMIT, 3 * settings.batch_max)
         self._inbox = Inbox(self.capacity, self.metrics)
@@ -252,6 +254,10 @@ class IngestWorker:
         client.manual_ack_set(on=True)
         client.tls_set_context(context)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        # Fleet republication (kernex.ingest.fleet): every queued message goes on the wire at
+        # once, ahead of the batch's acknowledgements, and the queue is bounded.
+        client.max_inflight_messages_set(FLEET_MAX_QUEUED)
+        client.max_queued_messages_set(FLEET_MAX_QUEUED)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -438,6 +444,9 @@ class IngestWorker:
             result = await self._write(accepted) if accepted else WriteResult()
             if result is None:
                 continue  # shutting down with the database away: left to redelivery
+            if accepted:
+                assert self._client is not None
+                self.fleet.publish(self._client, accepted, result)
             self._ack(batch)
             self._record(verdicts, result)
 

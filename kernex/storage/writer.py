@@ -94,6 +94,16 @@ class Tally:
     vanished: int = 0  # the device was deleted between verification and commit
 
 
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """A device's connection state changed (and was recorded in device_status_changes)."""
+
+    device_id: str
+    status: str
+    at: datetime
+    reason: str
+
+
 @dataclass(slots=True)
 class WriteResult:
     """The outcome of one committed batch."""
@@ -104,6 +114,10 @@ class WriteResult:
     status_changes: int = 0
     # Events that changed a deployment target or a device's applied configuration.
     reports_applied: int = 0
+    # The devices that existed at commit (the others' rows vanished), and the status changes
+    # recorded: what ingest republishes to integrators (kernex.protocol.fleet).
+    present: frozenset[str] = frozenset()
+    changes: list[StatusChange] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -159,7 +173,9 @@ class BatchWriter:
             tally.duplicate += len(rows) - stored - vanished
         result.statuses.vanished = sum(r.device_id not in current for r in statuses)
         result.statuses.stored = len(statuses) - result.statuses.vanished
-        result.status_changes = changes
+        result.status_changes = len(changes)
+        result.changes = [StatusChange(c["device_id"], c["status"], c["at"], c["reason"]) for c in changes]
+        result.present = frozenset(current)
         result.reports_applied = applied
         return result
 
@@ -339,8 +355,8 @@ async def _update_state(
     heartbeats: list[VerifiedHeartbeat],
     events: list[VerifiedEvent],
     statuses: list[VerifiedStatus],
-) -> int:
-    """Apply the batch to each device's latest state; returns the number of status changes."""
+) -> list[dict[str, Any]]:
+    """Apply the batch to each device's latest state; returns the status changes recorded."""
     latest = _latest_by_device(heartbeats)
     seen: dict[str, datetime] = {}
     received: list[tuple[str, datetime]] = [(r.device_id, r.received_at) for r in heartbeats]
@@ -375,7 +391,7 @@ async def _update_state(
         await conn.execute(statement, updates)
     if changes:
         await conn.execute(sa.insert(_STATUS_CHANGES), changes)
-    return len(changes)
+    return changes
 
 
 def _observations(

@@ -1,0 +1,124 @@
+"""Republishing committed, verified messages on the integrators' fleet topics.
+
+When: after the batch committed and before its device messages are acknowledged. paho writes
+both, in that order, onto the one connection, so the broker has taken the fleet messages before
+it sees the acknowledgements: a crash before then leaves the device messages unacknowledged,
+the broker redelivers them, and they are republished (at least once; integrators deduplicate,
+see kernex.protocol.fleet). Nothing waits for the broker: paho's publish only queues, so a
+slow broker or a slow integrator never holds up a batch. The queue is capped
+(FLEET_MAX_QUEUED); beyond it fleet messages are dropped and counted, never ingest slowed.
+
+What: heartbeats and events of devices that still existed at commit, and the status changes
+the writer recorded. Duplicates of rows stored by an earlier batch are republished (a
+redelivered message may be the copy whose first republication was lost), with their own
+received_at; a copy repeated within one batch is republished once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+
+from paho.mqtt.client import Client
+from paho.mqtt.enums import MQTTErrorCode
+
+from kernex.ingest.metrics import IngestMetrics
+from kernex.kit.logs import get_logger
+from kernex.protocol.fleet import (
+    FLEET_QOS,
+    FleetChannel,
+    FleetEvent,
+    FleetHeartbeat,
+    FleetMessage,
+    FleetStatus,
+    encode,
+    event_channel,
+    fleet_topic,
+)
+from kernex.protocol.topics import Topics
+from kernex.storage.records import Verified, VerifiedEvent, VerifiedHeartbeat
+from kernex.storage.writer import WriteResult
+
+log = get_logger(__name__)
+
+# Fleet messages paho may hold for the broker (in flight or queued while disconnected): two
+# batches' worth at the default batch size and more, a few MiB of memory at most.
+FLEET_MAX_QUEUED = 10_000
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def fleet_messages(
+    topics: Topics, accepted: Iterable[Verified], result: WriteResult
+) -> Iterator[tuple[str, FleetMessage]]:
+    """The (topic, message) pairs one committed batch republishes, in batch order."""
+    seen: set[tuple[type, str, int]] = set()
+    for record in accepted:
+        if record.device_id not in result.present:
+            continue
+        if isinstance(record, VerifiedHeartbeat | VerifiedEvent):
+            key = (type(record), record.device_id, record.claims.seq)
+            if key in seen:
+                continue  # twice in one batch: the writer stored the first copy
+            seen.add(key)
+        if isinstance(record, VerifiedHeartbeat):
+            c = record.claims
+            heartbeat = FleetHeartbeat(
+                device_id=record.device_id,
+                seq=c.seq,
+                ts=_utc(c.ts),
+                received_at=_utc(record.received_at),
+                status=c.status,
+                metrics=c.metrics,
+                bundle=c.bundle,
+                config_version=c.config_version,
+                agent_version=c.agent_version,
+            )
+            yield fleet_topic(topics, record.device_id, FleetChannel.HEARTBEAT), heartbeat
+        elif isinstance(record, VerifiedEvent):
+            e = record.claims
+            event = FleetEvent(
+                type=e.type,
+                device_id=record.device_id,
+                seq=e.seq,
+                ts=_utc(e.ts),
+                received_at=_utc(record.received_at),
+                data=e.data,
+            )
+            yield fleet_topic(topics, record.device_id, event_channel(e.type)), event
+    for change in result.changes:
+        status = FleetStatus.model_validate(
+            {
+                "device_id": change.device_id,
+                "status": change.status,
+                "ts": _utc(change.at),
+                "reason": change.reason,
+            }
+        )
+        yield fleet_topic(topics, change.device_id, FleetChannel.STATUS), status
+
+
+class FleetRepublisher:
+    """Queues a committed batch's fleet messages on ingest's MQTT client."""
+
+    def __init__(self, topics: Topics, metrics: IngestMetrics) -> None:
+        self._topics = topics
+        self._metrics = metrics
+
+    def publish(self, client: Client, accepted: Iterable[Verified], result: WriteResult) -> None:
+        """Queue every fleet message of the batch; never blocks, never raises for the broker."""
+        published = dropped = 0
+        for topic, message in fleet_messages(self._topics, accepted, result):
+            info = client.publish(topic, encode(message), qos=FLEET_QOS)
+            # NO_CONN: paho keeps a QoS 1 message and sends it once reconnected.
+            if info.rc in {MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN}:
+                published += 1
+            else:
+                dropped += 1
+        if published:
+            self._metrics.fleet_published.inc(published)
+        if dropped:
+            self._metrics.fleet_dropped.inc(dropped)
+            log.warning("fleet messages dropped: the publish queue is full", dropped=dropped)
