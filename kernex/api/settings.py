@@ -53,6 +53,9 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     api_port: int = Field(default=API_PORT, ge=1, le=65535)
     admission_policy: AdmissionPolicy = AdmissionPolicy.AUTO
     device_cert_validity_days: int = Field(default=DEVICE_CERT_VALIDITY_DAYS, ge=1, le=397)
+    # The directory of the Mosquitto config Kernex runs (`kernex up`, `kernex broker run`): its pid
+    # file says which process to SIGHUP after a revocation. Unset: <data_dir>/broker.
+    broker_dir: Path | None = None
     # Enrollment tokens created without an expiry expire after this many days.
     enrollment_token_default_ttl_days: int = Field(default=ENROLLMENT_TOKEN_TTL_DAYS, ge=1, le=3650)
     # Bodies above this are refused with 413 before they are read (bundle uploads have their own).
@@ -103,6 +106,11 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     def advertised_mqtt_port(self) -> int:
         """The broker port devices are told to use."""
         return self.mqtt_public_port or self.mqtt_port
+
+    @property
+    def resolved_broker_dir(self) -> Path:
+        """Where the Mosquitto Kernex runs keeps its config and pid file."""
+        return self.broker_dir or self.data_dir / "broker"
 
     def resolved_jwt_secret(self) -> str:
         """The configured JWT secret, or in development one generated into the data dir."""

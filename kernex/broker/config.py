@@ -82,6 +82,8 @@ def render(
         "cafile": str(pki.ca_cert_path.resolve()),
         "certfile": str(pki.broker_cert_path.resolve()),
         "keyfile": str(pki.broker_key_path.resolve()),
+        # Revoked device certificates; re-read on SIGHUP (reload_broker) for new connections.
+        "crlfile": str(pki.ensure_crl().resolve()),
         "acl_file": str(acl_path),
         # No trailing slash: Mosquitto 2.0 joins persistence_location and the file name with one.
         "persistence_dir": str(persistence_dir),

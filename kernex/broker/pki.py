@@ -63,6 +63,8 @@ SERVER_CERT_VALIDITY = timedelta(days=397)
 SERVICE_CERT_VALIDITY = timedelta(days=397)
 RENEW_BEFORE = timedelta(days=30)  # a month of warning for a cron'd or restarted `pki init`
 DEVICE_CERT_VALIDITY = timedelta(days=30)  # short-lived: devices renew, and revocation matters less
+CRL_NAME = "crl.pem"
+CRL_LOCK_NAME = ".crl.lock"
 CLOCK_SKEW = timedelta(minutes=5)  # backdate notBefore: device clocks lag after a cold boot
 COMMAND_KEY_ID_HEX_CHARS = 16  # 64 bits of SPKI SHA-256: unique among the few keys a device pins
 PASSPHRASE_BYTES = 32  # generated development passphrase: 256 bits of entropy
@@ -265,6 +267,54 @@ class FleetPKI:
             serial=f"{cert.serial_number:x}",
             not_after=cert.not_valid_after_utc,
         )
+
+    @property
+    def crl_path(self) -> Path:
+        """The fleet CRL (PEM) the broker's listener checks client certificates against."""
+        return self.directory / CRL_NAME
+
+    def write_crl(self, revoked: Sequence[tuple[str, datetime]] = ()) -> Path:
+        """Add these (hex serial, revocation time) entries to the fleet CRL and sign it anew.
+
+        Revocation is permanent, so entries already in the CRL are kept: two processes revoking
+        at once (under the file lock, one after the other) can never drop each other's entries.
+        The CRL is valid as long as the CA: OpenSSL refuses every client once a CRL's nextUpdate
+        passes, and nothing here re-signs it on a schedule.
+        """
+        with _exclusive_lock(self.directory / CRL_LOCK_NAME):
+            ca_cert, ca_key = self._load_ca()
+            entries: dict[int, datetime] = {}
+            if self.crl_path.exists():
+                current = x509.load_pem_x509_crl(_read(self.crl_path))
+                entries = {r.serial_number: r.revocation_date_utc for r in current}
+            for serial, at in revoked:
+                entries.setdefault(int(serial, 16), at)
+            now = datetime.now(UTC)
+            builder = (
+                x509.CertificateRevocationListBuilder()
+                .issuer_name(ca_cert.subject)
+                .last_update(now - CLOCK_SKEW)
+                .next_update(ca_cert.not_valid_after_utc)
+            )
+            for number, at in sorted(entries.items()):
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder().serial_number(number).revocation_date(at).build()
+                )
+            crl = builder.sign(ca_key, hashes.SHA256())
+            atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        return self.crl_path
+
+    def ensure_crl(self) -> Path:
+        """The CRL path, writing an empty CRL first if there is none (Mosquitto needs the file)."""
+        if not self.crl_path.exists():
+            self.write_crl()
+        return self.crl_path
+
+    def revoked_serials(self) -> set[str]:
+        """The hex serials the fleet CRL lists."""
+        if not self.crl_path.exists():
+            return set()
+        return {f"{r.serial_number:x}" for r in x509.load_pem_x509_crl(_read(self.crl_path))}
 
     def issue_client_certificate(
         self,

@@ -14,6 +14,7 @@ from kernex.api.commands.runtime import CommandsDep
 from kernex.api.configs import service as configs
 from kernex.api.deps import PKIDep, SessionDep, SettingsDep
 from kernex.api.devices import service
+from kernex.api.devices.revocation import revoke
 from kernex.api.devices.schemas import (
     DeviceDetail,
     DeviceOut,
@@ -21,6 +22,7 @@ from kernex.api.devices.schemas import (
     FleetStats,
     HeartbeatOut,
     HeartbeatPage,
+    RevocationOut,
 )
 from kernex.api.errors import ApiError
 from kernex.protocol.messages import RegistrationRequest, RegistrationResponse
@@ -140,3 +142,48 @@ async def reject_device(
 ) -> DeviceOut:
     """Refuse a pending device: it never gets a certificate, and its agent stops."""
     return await _decide("reject", device_id, operator, request, session)
+
+
+@router.post("/{device_id}/revoke", response_model=RevocationOut, operation_id="revokeDevice")
+async def revoke_device(
+    device_id: str,
+    operator: OperatorDep,
+    request: Request,
+    session: SessionDep,
+    pki: PKIDep,
+    settings: SettingsDep,
+    commands: CommandsDep,
+) -> RevocationOut:
+    """Decommission a device: certificate in the CRL, broker reloaded, session cut, commands cleared."""
+    target = f"device:{device_id}"
+    try:
+        done = await revoke(session, pki, settings, commands, device_id)
+    except ApiError as exc:
+        await audit.record(
+            session,
+            actor=operator,
+            action="device.revoke",
+            target=target,
+            outcome="failed",
+            request=request,
+            details={"error": exc.code},
+        )
+        raise
+    result = RevocationOut(
+        device=service.to_out(done.device),
+        crl_serial=done.crl_serial,
+        broker_reloaded=done.broker_reloaded_pid is not None,
+        session_cut=done.session_cut,
+        cleared_commands=done.cleared_commands,
+        errors=list(done.errors),
+    )
+    await audit.record(
+        session,
+        actor=operator,
+        action="device.revoke",
+        target=target,
+        outcome="success",
+        request=request,
+        details=result.model_dump(exclude={"device"}),
+    )
+    return result

@@ -51,6 +51,18 @@ class DeviceOut(BaseModel):
     cert_not_after: datetime | None
 
 
+class RevocationOut(BaseModel):
+    """A revoked device, and what happened at the broker."""
+
+    device: DeviceOut
+    crl_serial: str | None
+    broker_reloaded: bool
+    session_cut: bool
+    cleared_commands: int
+    # Broker steps that failed (the device is refused by the API and ingest regardless).
+    errors: list[str]
+
+
 class DeviceDetail(DeviceOut):
     """A device with its public key."""
 
