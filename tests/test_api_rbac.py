@@ -61,6 +61,10 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("POST", "/api/v1/tokens"): Access.ADMIN,
     ("GET", "/api/v1/tokens"): Access.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Access.ADMIN,
+    ("POST", "/api/v1/webhooks"): Access.OPERATOR,
+    ("GET", "/api/v1/webhooks"): Access.VIEWER,
+    ("DELETE", "/api/v1/webhooks/{webhook_id}"): Access.OPERATOR,
+    ("GET", "/api/v1/webhooks/{webhook_id}/deliveries"): Access.VIEWER,
     ("GET", "/api/v1/audit"): Access.ADMIN,
     # The CSR is the device's proof of possession; admission policies decide what follows.
     ("POST", "/api/v1/devices/register"): Access.PUBLIC,

@@ -30,6 +30,7 @@ from kernex.api.ratelimit import RateLimits
 from kernex.api.settings import ApiSettings
 from kernex.api.state import AppState
 from kernex.api.users import routes as users
+from kernex.api.webhooks import routes as webhooks
 from kernex.broker.exceptions import PKIError
 from kernex.broker.pki import API_IDENTITY, FleetPKI
 from kernex.kit.logs import get_logger
@@ -110,6 +111,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         configs.device_router,
         configs.router,
         fallback.router,
+        webhooks.router,
     ):
         # Every API route documents the error shape of each status it may answer with.
         app.include_router(router, responses=ERROR_RESPONSES)

@@ -29,6 +29,7 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 # Placeholder words copied from templates and compose files: a secret containing one was never replaced.
 PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "changethis", "replace-me", "example")
 JWT_SECRET_NAME = "jwt-secret"  # noqa: S105 - the file name in the data dir, not a secret
+WEBHOOK_KEY_NAME = "webhook-key"  # the file name in the data dir, not a secret
 # A device offline for a week still finds its commands; older ones it must not act on any more.
 COMMAND_TTL_S = 7 * 24 * 3600
 DEPLOYMENT_TIMEOUT_S = 300  # an install that takes more than five minutes after pickup is stuck
@@ -65,6 +66,14 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     trusted_release_keys: list[Path] = Field(default_factory=list)
     # Signs operator access tokens (HS256). Generated into the data dir in development only.
     jwt_secret: SecretStr | None = None
+    # Encrypts webhook secrets at rest (kernex.api.webhooks.signing); generated in development.
+    webhook_secret_key: SecretStr | None = None
+    # Webhook deliveries: attempts before a delivery is marked failed, and the backoff bounds.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_initial_s: float = Field(default=5.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
     access_token_ttl_s: int = Field(default=ACCESS_TOKEN_TTL_S, ge=60, le=24 * 3600)
     # Browser origins allowed to call the API (the dashboard when served from elsewhere); none by default.
     cors_origins: list[str] = Field(default_factory=list)
@@ -117,6 +126,12 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
         if self.jwt_secret is not None:
             return self.jwt_secret.get_secret_value()
         return development_secret(self.data_dir, JWT_SECRET_NAME)
+
+    def resolved_webhook_secret_key(self) -> str:
+        """The configured webhook encryption key, or in development one generated into the data dir."""
+        if self.webhook_secret_key is not None:
+            return self.webhook_secret_key.get_secret_value()
+        return development_secret(self.data_dir, WEBHOOK_KEY_NAME)
 
     @model_validator(mode="after")
     def _require_jwt_secret_in_production(self) -> ApiSettings:

@@ -8,35 +8,25 @@ see kernex.protocol.fleet). Nothing waits for the broker: paho's publish only qu
 slow broker or a slow integrator never holds up a batch. The queue is capped
 (FLEET_MAX_QUEUED); beyond it fleet messages are dropped and counted, never ingest slowed.
 
-What: heartbeats and events of devices that still existed at commit, and the status changes
-the writer recorded. Duplicates of rows stored by an earlier batch are republished (a
-redelivered message may be the copy whose first republication was lost), with their own
-received_at; a copy repeated within one batch is republished once.
+What: the writer's normalized batch (kernex.storage.fleet): heartbeats and events of devices
+that still existed at commit, and the status changes it recorded. Duplicates of rows stored
+by an earlier batch are republished (a redelivered message may be the copy whose first
+republication was lost), with their own received_at; a copy repeated within one batch is
+republished once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterator
 
 from paho.mqtt.client import Client
 from paho.mqtt.enums import MQTTErrorCode
 
 from kernex.ingest.metrics import IngestMetrics
 from kernex.kit.logs import get_logger
-from kernex.protocol.fleet import (
-    FLEET_QOS,
-    FleetChannel,
-    FleetEvent,
-    FleetHeartbeat,
-    FleetMessage,
-    FleetStatus,
-    encode,
-    event_channel,
-    fleet_topic,
-)
+from kernex.protocol.fleet import FLEET_QOS, FleetMessage, encode, fleet_topic
 from kernex.protocol.topics import Topics
-from kernex.storage.records import Verified, VerifiedEvent, VerifiedHeartbeat
+from kernex.storage.fleet import channel_of
 from kernex.storage.writer import WriteResult
 
 log = get_logger(__name__)
@@ -46,58 +36,10 @@ log = get_logger(__name__)
 FLEET_MAX_QUEUED = 10_000
 
 
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
-
-
-def fleet_messages(
-    topics: Topics, accepted: Iterable[Verified], result: WriteResult
-) -> Iterator[tuple[str, FleetMessage]]:
+def fleet_messages(topics: Topics, result: WriteResult) -> Iterator[tuple[str, FleetMessage]]:
     """The (topic, message) pairs one committed batch republishes, in batch order."""
-    seen: set[tuple[type, str, int]] = set()
-    for record in accepted:
-        if record.device_id not in result.present:
-            continue
-        if isinstance(record, VerifiedHeartbeat | VerifiedEvent):
-            key = (type(record), record.device_id, record.claims.seq)
-            if key in seen:
-                continue  # twice in one batch: the writer stored the first copy
-            seen.add(key)
-        if isinstance(record, VerifiedHeartbeat):
-            c = record.claims
-            heartbeat = FleetHeartbeat(
-                device_id=record.device_id,
-                seq=c.seq,
-                ts=_utc(c.ts),
-                received_at=_utc(record.received_at),
-                status=c.status,
-                metrics=c.metrics,
-                bundle=c.bundle,
-                config_version=c.config_version,
-                agent_version=c.agent_version,
-            )
-            yield fleet_topic(topics, record.device_id, FleetChannel.HEARTBEAT), heartbeat
-        elif isinstance(record, VerifiedEvent):
-            e = record.claims
-            event = FleetEvent(
-                type=e.type,
-                device_id=record.device_id,
-                seq=e.seq,
-                ts=_utc(e.ts),
-                received_at=_utc(record.received_at),
-                data=e.data,
-            )
-            yield fleet_topic(topics, record.device_id, event_channel(e.type)), event
-    for change in result.changes:
-        status = FleetStatus.model_validate(
-            {
-                "device_id": change.device_id,
-                "status": change.status,
-                "ts": _utc(change.at),
-                "reason": change.reason,
-            }
-        )
-        yield fleet_topic(topics, change.device_id, FleetChannel.STATUS), status
+    for message in result.fleet:
+        yield fleet_topic(topics, message.device_id, channel_of(message)), message
 
 
 class FleetRepublisher:
@@ -107,10 +49,10 @@ class FleetRepublisher:
         self._topics = topics
         self._metrics = metrics
 
-    def publish(self, client: Client, accepted: Iterable[Verified], result: WriteResult) -> None:
+    def publish(self, client: Client, result: WriteResult) -> None:
         """Queue every fleet message of the batch; never blocks, never raises for the broker."""
         published = dropped = 0
-        for topic, message in fleet_messages(self._topics, accepted, result):
+        for topic, message in fleet_messages(self._topics, result):
             info = client.publish(topic, encode(message), qos=FLEET_QOS)
             # NO_CONN: paho keeps a QoS 1 message and sends it once reconnected.
             if info.rc in {MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN}:

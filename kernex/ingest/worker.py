@@ -446,7 +446,7 @@ class IngestWorker:
                 continue  # shutting down with the database away: left to redelivery
             if accepted:
                 assert self._client is not None
-                self.fleet.publish(self._client, accepted, result)
+                self.fleet.publish(self._client, result)
             self._ack(batch)
             self._record(verdicts, result)
 

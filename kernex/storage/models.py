@@ -361,3 +361,40 @@ class DevicePreauthorization(SQLModel, table=True):
     # The device it admitted, once it registered.
     used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     device_id: str | None = Field(default=None, max_length=64)
+
+
+class Webhook(SQLModel, table=True):
+    """An operator's HTTPS endpoint for fleet event types, with the HMAC secret it verifies."""
+
+    __tablename__ = "webhooks"
+
+    id: str = Field(default_factory=_uuid, primary_key=True, max_length=32)
+    url: str = Field(max_length=2048)
+    event_types: list[str] = Field(default_factory=list, sa_type=JSONType)
+    # Fernet-encrypted (the key is the API's webhook_secret_key): HMAC needs the secret itself.
+    secret_encrypted: str = Field(max_length=512)
+    created_by: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one webhook: the outbox row, written in the transaction of its data."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: str = Field(default_factory=_uuid, primary_key=True, max_length=32)
+    webhook_id: str = Field(
+        sa_column=sa.Column(sa.String(32), sa.ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    )
+    event_type: str = Field(max_length=64)
+    body: str  # the exact JSON bytes (UTF-8) that are signed and sent
+    status: str = Field(default="pending", max_length=16)  # pending, succeeded, failed
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    # A dispatcher owns the row until then (cluster-safe claiming by conditional UPDATE).
+    claimed_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=1024)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

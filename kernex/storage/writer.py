@@ -33,13 +33,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kernex.kit.logs import get_logger
 from kernex.protocol.commands import ConfigApplied, DeploymentProgress, EventType
+from kernex.protocol.fleet import FleetMessage
 from kernex.storage.configs import ConfigReport, apply_config_report
 from kernex.storage.database import is_sqlite
 from kernex.storage.deployments import Report, apply_report, recompute
 from kernex.storage.exceptions import WriteError
+from kernex.storage.fleet import normalize
 from kernex.storage.models import ConnectionState, Device, DeviceStatusChange
 from kernex.storage.records import Verified, VerifiedEvent, VerifiedHeartbeat, VerifiedStatus
 from kernex.storage.types import JSONType, UTCDateTime
+from kernex.storage.webhooks import enqueue
 
 HEARTBEAT_COLUMNS = (
     "device_id",
@@ -118,6 +121,9 @@ class WriteResult:
     # recorded: what ingest republishes to integrators (kernex.protocol.fleet).
     present: frozenset[str] = frozenset()
     changes: list[StatusChange] = field(default_factory=list)
+    # The batch as integrators see it (kernex.storage.fleet), and the webhook deliveries queued.
+    fleet: list[FleetMessage] = field(default_factory=list)
+    webhook_deliveries: int = 0
 
 
 @dataclass(slots=True)
@@ -164,6 +170,10 @@ class BatchWriter:
                 changes = await _update_state(conn, current, heartbeats, events, statuses)
                 # After the state update, which writes back the device columns it read.
                 applied = await _apply_reports(conn, [e for e in events if e.device_id in current])
+                recorded = [StatusChange(c["device_id"], c["status"], c["at"], c["reason"]) for c in changes]
+                fleet = normalize(records, frozenset(current), recorded)
+                # The outbox rows commit with the data they report, or not at all.
+                deliveries = await enqueue(conn, fleet)
         except (OSError, sa.exc.SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise WriteError(f"batch of {len(records)} not committed: {type(exc).__name__}: {exc}") from exc
         for tally, rows, stored in ((result.heartbeats, heartbeats, hb_new), (result.events, events, ev_new)):
@@ -174,8 +184,10 @@ class BatchWriter:
         result.statuses.vanished = sum(r.device_id not in current for r in statuses)
         result.statuses.stored = len(statuses) - result.statuses.vanished
         result.status_changes = len(changes)
-        result.changes = [StatusChange(c["device_id"], c["status"], c["at"], c["reason"]) for c in changes]
+        result.changes = recorded
         result.present = frozenset(current)
+        result.fleet = fleet
+        result.webhook_deliveries = deliveries
         result.reports_applied = applied
         return result
 

@@ -1,0 +1,1 @@
+"""Webhooks: operators register URLs for fleet event types; deliveries are signed and retried."""
