@@ -75,6 +75,7 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("POST", "/api/v1/devices/{device_id}/accept"): Access.OPERATOR,
     ("POST", "/api/v1/devices/{device_id}/reject"): Access.OPERATOR,
     ("POST", "/api/v1/devices/{device_id}/revoke"): Access.OPERATOR,
+    ("POST", "/api/v1/devices/{device_id}/certificate"): Access.DEVICE_SELF,
     ("POST", "/api/v1/enrollment-tokens"): Access.OPERATOR,
     ("GET", "/api/v1/enrollment-tokens"): Access.OPERATOR,
     ("DELETE", "/api/v1/enrollment-tokens/{token_id}"): Access.OPERATOR,

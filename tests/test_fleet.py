@@ -27,6 +27,7 @@ from kernex.protocol.fleet import FleetEvent, FleetHeartbeat, FleetStatus, fleet
 from kernex.protocol.messages import format_ts
 from kernex.protocol.topics import Channel, CommandKind
 from kernex.storage.database import create_engine
+from tests.fixtures import asyncapi
 from tests.fixtures.broker import (
     ACK_TIMEOUT_S,
     QUIET_PERIOD_S,
@@ -182,6 +183,8 @@ async def test_an_integrator_receives_exactly_the_verified_events_of_a_scenario(
         assert all(p == heartbeats_1[0] for p in heartbeats_1)
         assert published == len(seen)
         for topic, body in seen:
+            # Every real fleet message matches its channel in docs/asyncapi.yaml.
+            assert not asyncapi.message_errors(topic, body, prefix=topics.prefix), (topic, body)
             if topic.endswith("/heartbeat"):
                 hb = FleetHeartbeat.model_validate(body)
                 assert hb.bundle is not None

@@ -37,6 +37,7 @@ from kernex.agent.fallback import HttpFallback, MqttLink
 from kernex.agent.identity import Identity, load_or_create
 from kernex.agent.outbox import Outbox, OutgoingMessage
 from kernex.agent.registration import Registrar
+from kernex.agent.renewal import Renewer
 from kernex.agent.sequence import Sequence
 from kernex.agent.settings import AgentSettings
 from kernex.agent.state import StateStore
@@ -223,6 +224,7 @@ class Agent:
             tasks.create_task(self._heartbeats(identity, topics, sequence), name="heartbeats")
             tasks.create_task(self._stay_connected(identity, topics, registration, commands), name="mqtt")
             tasks.create_task(commands.run(), name="commands")
+            tasks.create_task(self._renewer(http, identity).run(), name="certificate-renewal")
             if self.settings.fallback_after_s > 0:
                 tasks.create_task(self._fallback.run(), name="http-fallback")
 
@@ -246,6 +248,11 @@ class Agent:
                 registration = await self._register(own, identity)
         await self._store.save_registration(registration)
         return registration
+
+    def _renewer(self, http: httpx.AsyncClient, identity: Identity) -> Renewer:
+        return Renewer(
+            http, self.settings.api_url, identity, self._store, fraction=self.settings.renew_before_fraction
+        )
 
     async def _register(self, http: httpx.AsyncClient, identity: Identity) -> RegistrationResponse:
         token = self.settings.enrollment_token

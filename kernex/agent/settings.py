@@ -39,6 +39,7 @@ DEFAULT_MAX_UNPACKED_BYTES = 4 * 1024**3
 DEFAULT_CONFIG_FILE = Path("/etc/kernex/agent.toml")
 CONFIG_ENV = "KERNEX_AGENT_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_RENEW_BEFORE_FRACTION = 1 / 3  # a 30-day certificate renews with 10 days to spare
 
 
 class ConfigFileError(AgentError):
@@ -70,6 +71,8 @@ class AgentSettings(BaseSettings):
     name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     # Sent at registration: under the `token` admission policy a valid one admits the device at once.
     enrollment_token: SecretStr | None = None
+    # Renew the device certificate once less than this fraction of its lifetime remains.
+    renew_before_fraction: Annotated[float, Field(gt=0, le=1)] = DEFAULT_RENEW_BEFORE_FRACTION
     log_level: str = "INFO"
     log_format: LogFormat = "console"
     api_timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_API_TIMEOUT_S

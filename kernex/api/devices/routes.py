@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import AwareDatetime
 
 from kernex.api.audit import service as audit
-from kernex.api.auth.deps import OperatorDep, require_viewer
+from kernex.api.auth.deps import DeviceDep, OperatorDep, require_viewer
 from kernex.api.bundles.runtime import KeyringDep
 from kernex.api.commands.runtime import CommandsDep
 from kernex.api.configs import service as configs
@@ -16,15 +16,17 @@ from kernex.api.deps import PKIDep, SessionDep, SettingsDep
 from kernex.api.devices import service
 from kernex.api.devices.revocation import revoke
 from kernex.api.devices.schemas import (
+    CertificateRenewal,
     DeviceDetail,
     DeviceOut,
     DevicePage,
     FleetStats,
     HeartbeatOut,
     HeartbeatPage,
+    RenewedCertificate,
     RevocationOut,
 )
-from kernex.api.errors import ApiError
+from kernex.api.errors import ApiError, ForbiddenError
 from kernex.protocol.messages import RegistrationRequest, RegistrationResponse
 from kernex.storage.models import AdmissionState, ConnectionState
 
@@ -187,3 +189,35 @@ async def revoke_device(
         details=result.model_dump(exclude={"device"}),
     )
     return result
+
+
+async def _own_device(device_id: str, caller: DeviceDep) -> str:
+    # A dependency, so the refusal comes before the body is validated.
+    if caller != device_id:
+        raise ForbiddenError("a device may renew only its own certificate")
+    return caller
+
+
+@device_router.post(
+    "/{device_id}/certificate", response_model=RenewedCertificate, operation_id="renewCertificate"
+)
+async def renew_certificate(
+    device_id: Annotated[str, Depends(_own_device)],
+    body: CertificateRenewal,
+    request: Request,
+    session: SessionDep,
+    pki: PKIDep,
+    settings: SettingsDep,
+) -> RenewedCertificate:
+    """A new certificate for the calling device (its own JWT): same key renews, a new key rotates."""
+    renewed = await service.renew_certificate(session, pki, settings, device_id, body.csr)
+    await audit.record(
+        session,
+        actor=f"device:{device_id}",
+        action="device.key.rotate" if renewed.rotated else "device.certificate.renew",
+        target=f"device:{device_id}",
+        outcome="success",
+        request=request,
+        details={"not_after": renewed.not_after.isoformat()},
+    )
+    return renewed

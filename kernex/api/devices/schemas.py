@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kernex.storage.models import AdmissionState, ConnectionState
 
@@ -49,6 +49,24 @@ class DeviceOut(BaseModel):
     config_version: int | None
     agent_version: str | None
     cert_not_after: datetime | None
+
+
+class CertificateRenewal(BaseModel):
+    """A device's CSR for a new certificate: its own key (renewal) or a new key (rotation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    csr: str = Field(min_length=1, max_length=16_384)
+
+
+class RenewedCertificate(BaseModel):
+    """The new client certificate (CN = device id) and the CA that issued it."""
+
+    device_id: str
+    certificate: str
+    ca_certificate: str
+    not_after: datetime
+    rotated: bool
 
 
 class RevocationOut(BaseModel):

@@ -12,8 +12,15 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from kernex.api.admission import service as admission_service
 from kernex.api.admission.service import Admission
-from kernex.api.devices.schemas import BundleInfo, DeviceDetail, DeviceMetrics, DeviceOut, FleetStats
-from kernex.api.errors import ConflictError, NotFoundError
+from kernex.api.devices.schemas import (
+    BundleInfo,
+    DeviceDetail,
+    DeviceMetrics,
+    DeviceOut,
+    FleetStats,
+    RenewedCertificate,
+)
+from kernex.api.errors import ConflictError, ForbiddenError, NotFoundError
 from kernex.api.settings import ApiSettings
 from kernex.broker.pki import FleetPKI
 from kernex.kit.logs import get_logger
@@ -288,3 +295,47 @@ async def reject(session: AsyncSession, device_id: str) -> Device:
     await session.commit()
     log.info("device rejected", device_id=device_id)
     return device
+
+
+async def renew_certificate(
+    session: AsyncSession, pki: FleetPKI, settings: ApiSettings, device_id: str, csr_pem: str
+) -> RenewedCertificate:
+    """Issue the (active, authenticated) device a new certificate for the CSR's key.
+
+    The same key renews. A new key rotates: the request was authenticated with the old key's
+    device token, the device keeps its id and records, its public key is replaced (ingest's key
+    cache follows within KERNEX_KEY_CACHE_TTL_S) and the old certificate goes into the CRL.
+    """
+    device = await get_device(session, device_id)
+    if device.state is not AdmissionState.ACTIVE:
+        raise ForbiddenError(f"device {device_id} is {device.state.value}")
+    csr, public_key = load_csr(csr_pem)
+    fingerprint = public_key_fingerprint(public_key)
+    rotated = fingerprint != device.key_fingerprint
+    old_serial = device.cert_serial
+    if rotated:
+        device.public_key_pem = public_key_to_pem(public_key)
+        device.key_fingerprint = fingerprint
+        device.key_type = key_type_of(public_key).value
+    issued = await asyncio.to_thread(
+        pki.sign_device_csr, csr, device_id, timedelta(days=settings.device_cert_validity_days)
+    )
+    device.cert_serial = issued.serial
+    device.cert_not_after = issued.not_after
+    device.updated_at = datetime.now(UTC)
+    session.add(device)
+    try:
+        await session.commit()
+    except sa.exc.IntegrityError:
+        await session.rollback()
+        raise ConflictError("that key already belongs to another device") from None
+    if rotated and old_serial is not None:
+        await asyncio.to_thread(pki.write_crl, [(old_serial, datetime.now(UTC))])
+    log.info("device certificate renewed", device_id=device_id, rotated=rotated, not_after=issued.not_after)
+    return RenewedCertificate(
+        device_id=device_id,
+        certificate=issued.pem,
+        ca_certificate=pki.ca_certificate_pem,
+        not_after=issued.not_after,
+        rotated=rotated,
+    )
