@@ -24,6 +24,7 @@ from kernex.api.devices import routes as devices
 from kernex.api.docs.routes import install_docs
 from kernex.api.errors import ERROR_RESPONSES, install_error_handlers
 from kernex.api.fallback import routes as fallback
+from kernex.api.fleet_metrics import FleetGauges
 from kernex.api.health import routes as health
 from kernex.api.middleware import install_middleware
 from kernex.api.ratelimit import RateLimits
@@ -43,6 +44,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     """Build the API. Resources are created in the lifespan, not at import or build time."""
     settings = settings or ApiSettings()
     registry = CollectorRegistry()
+    gauges = FleetGauges(registry)
     limits = RateLimits(
         per_minute=settings.rate_limit_per_minute, login_per_minute=settings.login_rate_limit_per_minute
     )
@@ -71,13 +73,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             limits=limits,
         )
         broker_task = asyncio.create_task(broker.run(), name="broker-link")
+        gauges_task = asyncio.create_task(gauges.run(engine), name="fleet-metrics")
         log.info("api started", database=engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
-            broker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await broker_task
+            for task in (broker_task, gauges_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await engine.dispose()
             log.info("api stopped")
 
