@@ -183,7 +183,8 @@ class WebhookDispatcher:
             code = response.status_code
             if not response.is_success:
                 error = f"HTTP {code}: {response.text[:ERROR_TEXT_MAX]}"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # InvalidURL is not an HTTPError: a URL httpx cannot use fails the attempt, logged.
             error = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]
         except SignatureError as exc:
             error = str(exc)
