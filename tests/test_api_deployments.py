@@ -457,3 +457,34 @@ async def test_ingest_applies_deployment_events_published_by_a_device(
             await wait_until(finished, "ingest to apply the device's reports")
         history = (await fleet.get(f"/api/v1/devices/{device.device_id}/bundle-history"))["items"]
         assert [(h["version"], h["result"]) for h in history] == [("1.0.0", "succeeded")]
+
+
+async def test_a_withdrawal_still_unsent_is_replaced_by_the_next_command(pg_fleet: Fleet) -> None:
+    fleet = pg_fleet
+    one, two = await fleet.bundle("1.0.0"), await fleet.bundle("2.0.0")
+    device = await fleet.device()
+    link = fleet.api.app.state.kernex.broker
+    fleet.broker.process.stop()
+
+    async def disconnected() -> bool:
+        return not link.connected
+
+    await wait_until(disconnected, "the API to notice the broker is gone")
+    first = (await fleet.deploy(one["id"], [device])).json()
+    cancel = f"/api/v1/deployments/{first['id']}/cancel"
+    cancelled = await fleet.api.client.post(cancel, headers=fleet.operator)
+    assert cancelled.json()["targets"][0]["command_state"] == "clearing"
+    second = (await fleet.deploy(two["id"], [device])).json()
+    assert second["targets"][0]["command_state"] == "pending"
+    fleet.broker.process.start()
+
+    async def published() -> bool:
+        detail = await fleet.get(f"/api/v1/deployments/{second['id']}")
+        return bool(detail["targets"][0]["command_state"] == "published")
+
+    await wait_until(published, "the republisher to publish the newest command", timeout=60)
+    command = await fleet.command(device, CommandKind.DEPLOY)
+    assert command.deploy is not None
+    assert command.deploy.deployment_id == second["id"]
+    old = await fleet.get(f"/api/v1/deployments/{first['id']}")
+    assert old["targets"][0]["command_state"] == "superseded"

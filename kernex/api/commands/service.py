@@ -86,8 +86,8 @@ async def issue(
     """Record one signed command per request in the session's transaction (the caller commits).
 
     Each device's revision is bumped with an UPDATE in this transaction, so concurrent issuers
-    queue on the device row and revisions never repeat. Older commands of the same kind that
-    were never published are superseded: only the newest is worth sending.
+    queue on the device row and revisions never repeat. Older commands of the same kind still
+    waiting to be published (or cleared) are superseded: only the newest is worth sending.
     """
     commands: list[Command] = []
     for request in requests:
@@ -120,7 +120,8 @@ async def issue(
             .where(
                 col(DeviceCommand.device_id) == command.device_id,
                 col(DeviceCommand.kind) == command.kind.value,
-                col(DeviceCommand.state) == CommandState.PENDING.value,
+                # Not yet sent, or a withdrawal not yet sent: the new command replaces either on the topic.
+                col(DeviceCommand.state).in_([CommandState.PENDING.value, CommandState.CLEARING.value]),
             )
             .values(state=CommandState.SUPERSEDED.value)
         )
