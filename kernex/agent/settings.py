@@ -42,6 +42,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_RENEW_BEFORE_FRACTION = 1 / 3  # a 30-day certificate renews with 10 days to spare
 
 
+# Two minutes of failed reconnects (several backoff rounds) before heartbeats go over HTTPS: long
+# enough to ride out a broker restart, short enough that the platform does not mark the device
+# offline at the default interval (3 missed heartbeats).
+DEFAULT_FALLBACK_AFTER_S = 120.0
+
+
 class ConfigFileError(AgentError):
     """The config file is missing, unreadable, not TOML, or names a setting that does not exist."""
 
@@ -78,6 +84,9 @@ class AgentSettings(BaseSettings):
     api_timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_API_TIMEOUT_S
     max_bundle_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_BUNDLE_BYTES
     max_unpacked_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_UNPACKED_BYTES
+    # MQTT unreachable this long: heartbeats and events go over HTTPS (and commands come back in
+    # the answers) until the broker is reachable again. 0 turns the fallback off.
+    fallback_after_s: Annotated[float, Field(ge=0)] = DEFAULT_FALLBACK_AFTER_S
     # Bundles list the device types they fit (manifest.device_types); "*" fits every device.
     device_type: Annotated[str, Field(min_length=1, max_length=64)] = Field(
         default_factory=lambda: platform.machine() or "unknown"
