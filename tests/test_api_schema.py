@@ -28,7 +28,13 @@ MAX_EXAMPLES = 40  # per operation: about 20 operations stay well under a minute
 # A CSR is a PEM document whose signature and key are checked: a schema-valid string is not
 # yet a valid CSR, so "schema-valid data is accepted" cannot hold there (422 invalid_csr is right).
 # Likewise a bundle upload is a signed .tar.gz whose manifest is checked, not any binary file.
-SEMANTIC_BODIES = {("POST", "/api/v1/devices/register"), ("POST", "/api/v1/bundles")}
+# A pre-authorization names a key by a PEM public key or CSR, checked the same way.
+SEMANTIC_BODIES = {
+    ("POST", "/api/v1/devices/register"),
+    ("POST", "/api/v1/bundles"),
+    ("POST", "/api/v1/preauthorizations"),
+    ("POST", "/api/v1/devices/{device_id}/certificate"),
+}
 # The devices' HTTP fallback takes a compact JWS as application/jose; any text exercises the route
 # (the admin's token is refused there with 401, as declared).
 schemathesis.openapi.media_type("application/jose", st.text(max_size=256).map(str.encode))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -14,6 +14,7 @@ MAX_ENROLLMENT_TOKEN_DAYS = 365  # a token outliving a year of installs is a sta
 MAX_TOKEN_USES = 1_000_000
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Tags = Annotated[list[Tag], Field(max_length=32)]
+KEY_FIELDS = ("key_fingerprint", "public_key_pem", "csr")
 Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -56,8 +57,22 @@ class EnrollmentTokenPage(BaseModel):
     items: list[EnrollmentTokenOut]
 
 
+def _one_key_schema(schema: dict[str, Any]) -> None:
+    # The schema says what the validator enforces: exactly one of the three, not null.
+    properties = schema["properties"]
+    for name in KEY_FIELDS:
+        prop = properties[name]
+        variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
+        if variants:
+            prop.update(variants[0])
+        prop.pop("default", None)
+    schema["oneOf"] = [{"required": [name]} for name in KEY_FIELDS]
+
+
 class PreauthorizationCreate(StrictBody):
     """Admit a device on first contact: name its key by fingerprint, public key or CSR (exactly one)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_key_schema)
 
     key_fingerprint: Fingerprint | None = Field(
         default=None, description="SHA-256 of the DER SubjectPublicKeyInfo, lowercase hex"

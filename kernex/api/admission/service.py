@@ -22,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from kernex.api.errors import ConflictError, NotFoundError
 from kernex.api.settings import AdmissionPolicy
 from kernex.kit.logs import get_logger
+from kernex.protocol.exceptions import InvalidKeyError
 from kernex.protocol.keys import load_csr, load_public_key_pem, public_key_fingerprint
 from kernex.storage.models import AdmissionState, DevicePreauthorization, EnrollmentToken
 
@@ -134,6 +135,8 @@ def fingerprint_of(*, key_fingerprint: str | None, public_key_pem: str | None, c
     if key_fingerprint is not None:
         return key_fingerprint
     if public_key_pem is not None:
+        if not public_key_pem.isascii():
+            raise InvalidKeyError("a PEM public key is ASCII text")
         return public_key_fingerprint(load_public_key_pem(public_key_pem))
     if csr is None:
         raise ValueError("no key given")
