@@ -31,6 +31,14 @@ LIMITS = VerifyLimits(
 NOW = datetime.now(UTC)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    """Pin the receive time to this test's start: fixtures sign messages with the real clock, so
+    a NOW taken at import would drift past the skew limit in a long suite."""
+    global NOW  # noqa: PLW0603 - the module's tests share one receive time, refreshed per test
+    NOW = datetime.now(UTC)
+
+
 class Fleet:
     """Registered devices for the key lookup."""
 
@@ -48,8 +56,8 @@ def fleet() -> Fleet:
     return Fleet()
 
 
-def verify(topic: str, payload: bytes, fleet: Fleet, received_at: datetime = NOW):
-    return Verifier(TOPICS, LIMITS).verify(RawMessage(topic, payload, received_at), fleet.keys.get)
+def verify(topic: str, payload: bytes, fleet: Fleet, received_at: datetime | None = None):
+    return Verifier(TOPICS, LIMITS).verify(RawMessage(topic, payload, received_at or NOW), fleet.keys.get)
 
 
 def reason_of(verdict: object) -> RejectReason:
