@@ -177,7 +177,7 @@ async def test_operator_walks_the_dashboard(sqlite_url: str, tmp_path: Path, bro
 async def _walk(
     platform: Platform, fleet: list[SimDevice], browser: Browser, shots: Shots, tmp_path: Path
 ) -> None:
-    one, _two, three = fleet
+    one, two, three = fleet
 
     async def all_online() -> bool:
         page = (await platform.get("/api/v1/devices", status="online")).json()
@@ -290,12 +290,16 @@ async def _walk(
     await config.get_by_label("Log level").select_option("DEBUG")
     await config.get_by_label("Extra settings (JSON object)").fill('{"site": "lab"}')
     await config.get_by_role("button", name="Save and send to the device").click()
-    await expect(config.locator(".sync")).to_contain_text("In sync", timeout=LIVE_S * 2)
+    reported = config.locator(".fact", has_text="Reported version").locator("dd")
+    await expect(reported).to_have_text("none reported")
+    # The device applies the new version and says so: the view follows without a reload.
+    await expect(reported).to_have_text("1", timeout=LIVE_S * 2)
+    await expect(config.locator(".sync")).to_contain_text("In sync")
     await expect(config.locator("table")).to_contain_text("DEBUG")
     await expect(config.locator("pre.code")).to_contain_text('"site": "lab"')
     await shots.take(page, "device-config-in-sync")
     # Heartbeats over the chosen window feed the charts.
-    await page.get_by_label("Window").select_option("15")
+    await page.get_by_label("Window").select_option("60")
     await expect(page.locator("figure.chart svg")).to_have_count(3)
 
     # --- a device goes offline live ----------------------------------------------------------------
@@ -328,6 +332,16 @@ async def _walk(
     await expect(page.locator("[data-count=offline]")).to_have_text("0")
     await expect(page.locator(".versions")).to_contain_text("2.0.0")
     await shots.take(page, "overview-after-blip")
+
+    # --- an operator decommissions a device -----------------------------------------------------------
+    await page.goto(f"{ui}#/devices/{two.id}")
+    admission = page.locator(".fact", has_text="Admission").locator(".badge")
+    await expect(admission).to_have_attribute("data-status", "active")
+    await page.get_by_role("button", name="Revoke").click()
+    await page.get_by_role("dialog").get_by_role("button", name="Revoke").click()
+    await expect(admission).to_have_attribute("data-status", "revoked", timeout=LIVE_S)
+    await expect(page.get_by_role("button", name="Revoke")).to_have_count(0)
+    await shots.take(page, "device-revoked")
 
     # --- admin pages ----------------------------------------------------------------------------------
     await nav.get_by_role("link", name="Audit log").click()

@@ -206,6 +206,9 @@ async def _read(conn: AsyncConnection, previous: _Snapshot | None) -> _Snapshot:
             d.health,
             d.bundle_version,
             d.config_version,
+            # A config_applied event moves these before the next heartbeat (maybe a minute away).
+            d.config_applied_version,
+            d.config_error,
         )
         .order_by(d.id)
         .limit(MAX_TRACKED_DEVICES)
@@ -280,6 +283,8 @@ def _events(old: _Snapshot, new: _Snapshot) -> list[Event]:
                 "health": row[5],
                 "bundle_version": row[6],
                 "config_version": row[7],
+                "config_applied_version": row[8],
+                "config_error": row[9],
             }
             for row in (new.devices[key] for key in changed)
         ]

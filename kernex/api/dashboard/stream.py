@@ -12,7 +12,8 @@ Events (each `data` is one JSON object):
   later change arrives as an event. `resumed: true` means the missed batches follow.
 - `stats` `{"total", "online", "offline", "unknown", "active_deployments"}`
 - `devices` `{"items": [{"id", "name", "status", "state", "last_seen_at", "health",
-  "bundle_version", "config_version"} | {"id", "removed": true}]}`
+  "bundle_version", "config_version", "config_applied_version", "config_error"}
+  | {"id", "removed": true}]}`
 - `deployments` `{"items": [{"id", "status", "finished_at", "cancelled_at", "counts"?, "total"?}]}`
 - `targets` `{"items": [{"deployment_id", "device_id", "status", "error", "updated_at"}]}`
 - `resync` `{"reason"}`: too much changed to list, re-fetch.

@@ -1,7 +1,7 @@
 // Device detail: live state, metrics charts over a chosen window, bundle history, the config
 // editor (desired vs reported) and rollback.
 //
-// Admission actions (accept, reject, revoke) are not here: the API has no routes for them yet.
+// Operators also accept, reject and revoke devices here.
 
 import { ApiError, api } from "../api.js";
 import { lineChart } from "../chart.js";
@@ -51,7 +51,7 @@ export async function render(ctx) {
   const windowSelect = h(
     "select",
     { name: "window" },
-    WINDOWS.map(([minutes, label]) => h("option", { value: minutes, selected: minutes === 60 }, label)),
+    WINDOWS.map(([minutes, label]) => h("option", { value: minutes, selected: minutes === 15 }, label)),
   );
   const metricsNote = h("p", { class: "muted small" });
   const history = h("section", { class: "card", "aria-labelledby": "history-h" });
@@ -74,6 +74,7 @@ export async function render(ctx) {
   );
 
   let device = null;
+  let appliedSeen = null; // the device's configuration state as the last event reported it
 
   function showDevice(d) {
     device = d;
@@ -104,12 +105,41 @@ export async function render(ctx) {
     const key = `${d.state} ${d.bundle?.version || ""}`;
     if (actions.dataset.key === key) return;
     actions.dataset.key = key;
+    if (!ctx.can("operator")) return clear(actions);
     clear(
       actions,
-      ctx.can("operator") && d.state === "active" && d.bundle?.version
+      d.state === "active" && d.bundle?.version
         ? h("button", { type: "button", class: "danger", onclick: rollback }, "Roll back to the previous bundle")
         : null,
+      d.state === "pending" || d.state === "rejected" ? admission("accept", "Accept", "secondary") : null,
+      d.state === "pending" ? admission("reject", "Reject", "danger") : null,
+      d.state === "active" ? admission("revoke", "Revoke", "danger") : null,
     );
+  }
+
+  // Admission: accept or reject a pending device, revoke (decommission) an active one.
+  const ADMISSION = {
+    accept: ["Accept this device?", "It gets its certificate at its next poll and joins the fleet."],
+    reject: ["Reject this device?", "It never gets a certificate, and its agent stops."],
+    revoke: [
+      "Revoke this device?",
+      "Its certificate is revoked and its connection cut; it can no longer report or download. This cannot be undone.",
+    ],
+  };
+
+  function admission(verb, label, tone) {
+    const run = async () => {
+      const [title, text] = ADMISSION[verb];
+      if (!(await confirmDialog(title, text, label))) return;
+      try {
+        await api("POST", `${path}/${verb}`);
+        notify(`${device.name || device.id}: ${verb === "accept" ? "accepted" : `${verb}ed`}.`);
+        await loadDevice();
+      } catch (error) {
+        notify(error.message, "bad");
+      }
+    };
+    return h("button", { type: "button", class: tone, onclick: run }, label);
   }
 
   async function rollback() {
@@ -457,7 +487,10 @@ export async function render(ctx) {
       return;
     }
     const moved = change.status !== device.status || change.state !== device.state || change.health !== device.health;
-    if (change.config_version !== device.config_version) refreshConfig();
+    // The device reports a configuration in its heartbeats and, at once, in a config_applied event.
+    const applied = `${change.config_version} ${change.config_applied_version} ${change.config_error}`;
+    if (appliedSeen !== null && applied !== appliedSeen) refreshConfig();
+    appliedSeen = applied;
     if (change.bundle_version !== (device.bundle?.version ?? null)) refreshHistory();
     if (moved || change.bundle_version !== (device.bundle?.version ?? null)) {
       // The status badge is the point of this page: patch it at once, then re-read the rest.
