@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +24,7 @@ from kernex.agent.settings import AgentSettings, ConfigFileError
 from kernex.agent.simulator import Simulator
 from kernex.agent.status import StatusReporter
 from kernex.kit.logs import configure, get_logger
+from kernex.kit.signals import until_signal
 from kernex.protocol.keys import KeyType
 
 SIMULATOR_STATE_DIR = Path(".kernex-simulator")  # keeps simulated keys apart from a real agent's
@@ -131,31 +131,8 @@ def load_settings(**overrides: Any) -> AgentSettings:
 
 def _run_until_signalled(work: Coroutine[Any, Any, None]) -> None:
     try:
-        asyncio.run(_until_signal(work))
+        asyncio.run(until_signal(work, "kernex-agent"))
     except AgentError as exc:
         # Expected refusals are one log line, not a traceback.
         log.error("agent stopped", error=str(exc))  # noqa: TRY400 - expected: one line, no traceback
         raise typer.Exit(EXIT_REFUSED) from None
-
-
-async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work` until it ends or SIGINT/SIGTERM arrives; a signal cancels it cleanly (exit 0)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    worker = asyncio.create_task(work, name="kernex-agent")
-    stopper = asyncio.create_task(stop.wait(), name="signals")
-    try:
-        await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        if not worker.done():
-            log.info("stopping")
-            worker.cancel()
-            # Let the agent say "offline" and disconnect before the loop closes.
-            await asyncio.wait({worker})
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-    if not worker.cancelled():
-        worker.result()

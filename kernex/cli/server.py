@@ -7,7 +7,6 @@ still run `kernex agent`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from typing import Annotated
 import typer
 
 from kernex.kit import logs
+from kernex.kit.signals import until_signal
 from kernex.protocol.exceptions import KernexError
 
 UP_HEARTBEAT_INTERVAL_S = 5  # quick start: devices visibly alive within seconds, not a minute
@@ -93,8 +93,7 @@ def ingest() -> None:
     except ValueError as exc:
         raise _fail(f"invalid settings: {exc}") from None
     logs.configure(settings.log_level, settings.log_format_in_effect)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_ingest(settings))
+    asyncio.run(until_signal(run_ingest(settings), "kernex-ingest"))
 
 
 def up(
@@ -181,9 +180,10 @@ def _wait_for_first_exit(children: list[tuple[str, subprocess.Popen[bytes]]]) ->
 
 def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
     # Devices first (so they go offline cleanly), then the API, then ingest flushes last.
+    # SIGTERM, not SIGINT: a child started from a background shell ignores SIGINT.
     for _name, proc in reversed(children):
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + CHILD_STOP_TIMEOUT_S
     for _name, proc in reversed(children):
         try:
