@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -11,6 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from kernex.api.auth.schemas import Principal
 from kernex.api.clients import client_address
+from kernex.api.errors import ApiError
 from kernex.kit.logs import get_logger
 from kernex.storage.models import AuditEntry
 
@@ -86,3 +89,24 @@ async def search(
         .offset(offset)
     )
     return list(rows.all()), total
+
+
+@asynccontextmanager
+async def audited(
+    session: AsyncSession, *, actor: Principal, action: str, target: str | None, request: Request | None
+) -> AsyncIterator[None]:
+    """Record a refused or failed mutation; the successful one records itself with its commit."""
+    try:
+        yield
+    except ApiError as exc:
+        await session.rollback()
+        await record(
+            session,
+            actor=actor,
+            action=action,
+            target=target,
+            outcome="failure",
+            request=request,
+            details={"error": str(exc)[:1000], "code": exc.code, "status": int(exc.status_code)},
+        )
+        raise

@@ -11,7 +11,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -37,7 +37,7 @@ from kernex.api.bundles.multipart import MultipartReader, PartData, PartEnd, Par
 from kernex.api.bundles.runtime import BundleRuntime
 from kernex.api.bundles.schemas import BundleOut
 from kernex.api.devices.service import ACTIVE_DEPLOYMENT_STATUSES
-from kernex.api.errors import ApiError, ConflictError, ForbiddenError, NotFoundError, ServiceUnavailableError
+from kernex.api.errors import ConflictError, ForbiddenError, NotFoundError, ServiceUnavailableError
 from kernex.kit.logs import get_logger
 from kernex.protocol import jws
 from kernex.protocol.exceptions import SignatureError
@@ -71,7 +71,7 @@ async def upload(
     request: Request | None = None,
 ) -> Bundle:
     """Stream a multipart upload into the store, validate and sign it, record it; all or nothing."""
-    async with _audited(session, actor=actor, action="bundle.upload", target=None, request=request):
+    async with audit.audited(session, actor=actor, action="bundle.upload", target=None, request=request):
         try:
             return await _receive(
                 session,
@@ -338,7 +338,7 @@ async def delete_bundle(
 ) -> None:
     """Delete a bundle no deployment refers to: its row, then its stored object."""
     target = f"bundle:{bundle_id}"
-    async with _audited(session, actor=actor, action="bundle.delete", target=target, request=request):
+    async with audit.audited(session, actor=actor, action="bundle.delete", target=target, request=request):
         bundle = await get_bundle(session, bundle_id)
         users = (
             await session.exec(
@@ -388,27 +388,6 @@ async def _delete_object(runtime: BundleRuntime, key: str) -> None:
     except BundleStoreError as exc:
         # The row is gone (or never was): an unreachable object is only wasted space, named for cleanup.
         log.warning("stored bundle object left behind", key=key, error=str(exc))
-
-
-@asynccontextmanager
-async def _audited(
-    session: AsyncSession, *, actor: Principal, action: str, target: str | None, request: Request | None
-) -> AsyncIterator[None]:
-    """Record a refused or failed mutation (the successful one records itself with its commit)."""
-    try:
-        yield
-    except ApiError as exc:
-        await session.rollback()
-        await audit.record(
-            session,
-            actor=actor,
-            action=action,
-            target=target,
-            outcome="failure",
-            request=request,
-            details={"error": str(exc)[:1000], "code": exc.code, "status": int(exc.status_code)},
-        )
-        raise
 
 
 # --- download -------------------------------------------------------------------------------

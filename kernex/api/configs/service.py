@@ -8,8 +8,7 @@ the commit. Raises domain errors, knows nothing of HTTP; every change is audit-l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -29,7 +28,7 @@ from kernex.api.configs.schemas import (
     FleetDefaultsOut,
     ReportedConfig,
 )
-from kernex.api.errors import ApiError, ConflictError, NotFoundError
+from kernex.api.errors import ConflictError, NotFoundError
 from kernex.kit.logs import get_logger
 from kernex.protocol.commands import ConfigBody
 from kernex.protocol.config import DeviceSettings, SettingsOverrides, merge
@@ -41,26 +40,6 @@ log = get_logger(__name__)
 
 INLINE_PUBLISH_MAX = 100  # past this many devices, the republisher sends the commands
 DEVICE_CHUNK = 500  # devices updated per round of a fleet-wide change (bounded IN lists)
-
-
-@asynccontextmanager
-async def _audited(
-    session: AsyncSession, *, actor: Principal, action: str, target: str | None, request: Request | None
-) -> AsyncIterator[None]:
-    try:
-        yield
-    except ApiError as exc:
-        await session.rollback()
-        await audit.record(
-            session,
-            actor=actor,
-            action=action,
-            target=target,
-            outcome="failure",
-            request=request,
-            details={"error": str(exc)[:1000], "code": exc.code, "status": int(exc.status_code)},
-        )
-        raise
 
 
 @dataclass(frozen=True)
@@ -102,7 +81,7 @@ async def set_fleet_defaults(
     request: Request | None = None,
 ) -> FleetDefaultsOut:
     """Store a new defaults version and send every active device whose merged values change a new version."""
-    async with _audited(session, actor=actor, action="config.defaults", target="fleet", request=request):
+    async with audit.audited(session, actor=actor, action="config.defaults", target="fleet", request=request):
         now = datetime.now(UTC)
         current = await fleet_defaults(session)
         row = FleetConfig(
@@ -171,7 +150,7 @@ async def set_device_config(
 ) -> DeviceConfig:
     """Replace the device's overrides: a new version (merged with the fleet defaults), sent signed."""
     target = f"device:{device_id}"
-    async with _audited(session, actor=actor, action="config.device", target=target, request=request):
+    async with audit.audited(session, actor=actor, action="config.device", target=target, request=request):
         device = await session.get(Device, device_id)
         if device is None:
             raise NotFoundError(f"device {device_id} not found")

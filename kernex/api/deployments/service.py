@@ -7,8 +7,7 @@ it commits (kernex.api.commands).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -35,7 +34,7 @@ from kernex.api.deployments.schemas import (
     DeploymentOut,
     TargetOut,
 )
-from kernex.api.errors import ApiError, ConflictError, NotFoundError, ServiceUnavailableError
+from kernex.api.errors import ConflictError, NotFoundError, ServiceUnavailableError
 from kernex.kit.logs import get_logger
 from kernex.protocol.commands import DeployBody
 from kernex.protocol.topics import CommandKind
@@ -69,27 +68,6 @@ def _names(ids: Sequence[str]) -> str:
     return shown if len(ids) <= NAMED_IN_ERRORS else f"{shown} and {len(ids) - NAMED_IN_ERRORS} more"
 
 
-@asynccontextmanager
-async def _audited(
-    session: AsyncSession, *, actor: Principal, action: str, target: str | None, request: Request | None
-) -> AsyncIterator[None]:
-    """Record a refused mutation (the successful one records itself with its commit)."""
-    try:
-        yield
-    except ApiError as exc:
-        await session.rollback()
-        await audit.record(
-            session,
-            actor=actor,
-            action=action,
-            target=target,
-            outcome="failure",
-            request=request,
-            details={"error": str(exc)[:1000], "code": exc.code, "status": int(exc.status_code)},
-        )
-        raise
-
-
 # --- create ---------------------------------------------------------------------------------
 
 
@@ -104,7 +82,7 @@ async def create(
     request: Request | None = None,
 ) -> Deployment:
     """Create a deployment, one target and one signed deploy command per device; then publish."""
-    async with _audited(session, actor=actor, action="deployment.create", target=None, request=request):
+    async with audit.audited(session, actor=actor, action="deployment.create", target=None, request=request):
         bundle = await deployable_bundle(session, bundles, body.bundle_id)
         device_ids = await _select_devices(session, body)
         deployment = await _create_locked(
@@ -405,7 +383,7 @@ async def cancel(
     the deployment's status is `cancelled` from now on.
     """
     target_name = f"deployment:{deployment_id}"
-    async with _audited(
+    async with audit.audited(
         session, actor=actor, action="deployment.cancel", target=target_name, request=request
     ):
         deployment = await get_deployment(session, deployment_id)
@@ -508,7 +486,9 @@ async def rollback(
     archive is gone from the store.
     """
     target_name = f"device:{device_id}"
-    async with _audited(session, actor=actor, action="device.rollback", target=target_name, request=request):
+    async with audit.audited(
+        session, actor=actor, action="device.rollback", target=target_name, request=request
+    ):
         device = await session.get(Device, device_id)
         if device is None:
             raise NotFoundError(f"device {device_id} not found")
