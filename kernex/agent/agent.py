@@ -51,6 +51,7 @@ from kernex.protocol.exceptions import TopicError
 from kernex.protocol.keys import PublicKey
 from kernex.protocol.messages import ConnectionStatus, RegistrationResponse, format_ts, utc_now
 from kernex.protocol.topics import Channel, Topics
+from kernex.protocol.version import PROTOCOL_VERSION
 
 RECONNECT_INITIAL_S = 1.0  # the contract: reconnect backoff from 1 s ...
 RECONNECT_MAX_S = 60.0  # ... to a minute, with full jitter so a fleet does not reconnect in waves
@@ -299,6 +300,7 @@ class Agent:
             "bundle": state.bundle.model_dump(mode="json") if state.bundle else None,
             "config_version": state.config_version,
             "agent_version": __version__,
+            "v": PROTOCOL_VERSION,
         }
         token = jws.sign_claims(claims, identity.key, kid=identity.device_id, typ=jws.TYP_HEARTBEAT)
         return OutgoingMessage(topic=topic, payload=token.encode("ascii"), seq=seq)

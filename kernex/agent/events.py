@@ -17,6 +17,7 @@ from kernex.kit.logs import get_logger
 from kernex.protocol import jws
 from kernex.protocol.commands import EventType
 from kernex.protocol.messages import format_ts, utc_now
+from kernex.protocol.version import PROTOCOL_VERSION
 
 log = get_logger(__name__)
 
@@ -42,6 +43,7 @@ class EventPublisher:
             "ts": format_ts(utc_now()),
             "type": event_type.value,
             "data": data.model_dump(mode="json", exclude_none=True),
+            "v": PROTOCOL_VERSION,
         }
         token = jws.sign_claims(claims, self._identity.key, kid=self._identity.device_id, typ=jws.TYP_EVENT)
         self._outbox.put(
