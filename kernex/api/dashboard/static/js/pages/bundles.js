@@ -19,7 +19,13 @@ import {
 function signature(b) {
   if (b.quarantined)
     return h("span", {}, badge("quarantined"), " — its bytes no longer match: devices are refused it.");
-  if (b.signed_by) return h("span", {}, badge("ok"), ` signed by ${b.signed_by}, verified at upload`);
+  if (b.signed_by)
+    return h(
+      "span",
+      {},
+      h("span", { class: "badge tone-good" }, "signed"),
+      ` signed by ${b.signed_by}, verified at upload`,
+    );
   return h("span", {}, badge("unknown"), " not signed");
 }
 
@@ -144,7 +150,7 @@ export async function renderList(ctx) {
                   b.quarantined
                     ? badge("quarantined")
                     : b.signed_by
-                      ? h("span", {}, badge("ok"), ` ${b.signed_by}`)
+                      ? h("span", {}, h("span", { class: "badge tone-good" }, "signed"), ` ${b.signed_by}`)
                       : badge("unknown"),
                 ),
                 h("td", { "data-label": "Uploaded" }, ago(b.created_at), b.created_by ? ` by ${b.created_by}` : ""),
