@@ -368,7 +368,8 @@ async def test_api_tokens_scoped_shown_once_revocable_expiring(sqlite_authed_api
         assert len(row.secret_sha256) == 64
 
     token_id = created.json()["id"]
-    _assert_unauthorized(await api.client.get(ME, headers=bearer(read_token[:-1] + "A")))
+    tampered = read_token[:-1] + ("A" if read_token[-1] != "A" else "B")  # always a different secret
+    _assert_unauthorized(await api.client.get(ME, headers=bearer(tampered)))
     _assert_unauthorized(await api.client.get(ME, headers=bearer("kx_0000000000000000_" + "a" * 43)))
     assert (await api.client.delete(f"/api/v1/tokens/{token_id}", headers=admin)).status_code == 200
     _assert_unauthorized(await api.client.get(ME, headers=bearer(read_token)))
