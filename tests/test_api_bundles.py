@@ -412,7 +412,7 @@ async def test_duplicate_name_and_version_is_409(api: AuthedApi, tmp_path: Path)
     assert second.status_code == 409
     assert "already exists" in second.json()["error"]["message"]
     assert len(await stored_leftovers(api)) == 1
-    assert ("bundle.upload", "failure", None) in await audit_actions(api)
+    assert ("bundle.upload", "failed", None) in await audit_actions(api)
 
 
 async def test_offline_signatures_from_trusted_keys_only(api: AuthedApi, tmp_path: Path, trusted_key) -> None:
@@ -584,7 +584,7 @@ async def test_delete_is_refused_while_deployed(api: AuthedApi, tmp_path: Path) 
     ).status_code == 404
     assert len(await stored_leftovers(api)) == 1
     actions = await audit_actions(api)
-    assert ("bundle.delete", "failure", f"bundle:{bundle['id']}") in actions
+    assert ("bundle.delete", "failed", f"bundle:{bundle['id']}") in actions
     assert ("bundle.delete", "success", f"bundle:{spare['id']}") in actions
 
 

@@ -101,7 +101,7 @@ async def test_second_deployment_is_refused_naming_the_active_one_unless_it_supe
     assert first["id"] in error["message"]
     assert busy.device_id in error["message"]
     assert (await fleet.get("/api/v1/deployments"))["total"] == 1  # nothing of the refused one remains
-    assert [e.outcome for e in await _audit(fleet, "deployment.create")] == ["success", "failure"]
+    assert [e.outcome for e in await _audit(fleet, "deployment.create")] == ["success", "failed"]
 
     second = await fleet.deploy(two["id"], [busy, free], supersede=True)
     assert second.status_code == 201, second.text
@@ -204,7 +204,7 @@ async def test_cancel_clears_retained_commands_of_devices_not_started(fleet: Fle
         f"/api/v1/deployments/{deployment['id']}/cancel", headers=fleet.operator
     )
     assert again.status_code == 409
-    assert [e.outcome for e in await _audit(fleet, "deployment.cancel")] == ["success", "failure"]
+    assert [e.outcome for e in await _audit(fleet, "deployment.cancel")] == ["success", "failed"]
     # The device is free again.
     assert (await fleet.deploy(bundle["id"], [idle])).status_code == 201
 
@@ -294,7 +294,7 @@ async def test_history_newest_first_and_rollback_to_the_previous_success(fleet: 
         ("2.0.0", False),
         ("1.0.0", False),
     ]
-    assert [e.outcome for e in await _audit(fleet, "device.rollback")] == ["failure", "success"]
+    assert [e.outcome for e in await _audit(fleet, "device.rollback")] == ["failed", "success"]
 
     unknown = await fleet.api.client.post(
         f"/api/v1/devices/{device.device_id}/rollback", json={"bundle_id": "nosuch"}, headers=fleet.operator

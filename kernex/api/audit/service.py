@@ -105,7 +105,7 @@ async def audited(
             actor=actor,
             action=action,
             target=target,
-            outcome="failure",
+            outcome="failed",
             request=request,
             details={"error": str(exc)[:1000], "code": exc.code, "status": int(exc.status_code)},
         )

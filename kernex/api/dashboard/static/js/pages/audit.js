@@ -17,7 +17,7 @@ export async function render(ctx) {
   const outcome = h(
     "select",
     { name: "outcome" },
-    ["", "success", "denied", "failed", "failure"].map((v) => h("option", { value: v }, v || "Any outcome")),
+    ["", "success", "denied", "failed"].map((v) => h("option", { value: v }, v || "Any outcome")),
   );
   const list = h("div", { class: "table-wrap" });
   const pager = h("div", { class: "pager" });
