@@ -489,7 +489,9 @@ export async function render(ctx) {
     const moved = change.status !== device.status || change.state !== device.state || change.health !== device.health;
     // The device reports a configuration in its heartbeats and, at once, in a config_applied event.
     const applied = `${change.config_version} ${change.config_applied_version} ${change.config_error}`;
-    if (appliedSeen !== null && applied !== appliedSeen) refreshConfig();
+    // The first change also re-reads: the device may have applied a version between this page's
+    // first read and the stream's first event, and waiting for a later difference would miss it.
+    if (applied !== appliedSeen) refreshConfig();
     appliedSeen = applied;
     if (change.bundle_version !== (device.bundle?.version ?? null)) refreshHistory();
     if (moved || change.bundle_version !== (device.bundle?.version ?? null)) {
