@@ -9,7 +9,6 @@ from kernex.api.apitokens.schemas import ApiTokenCreate, ApiTokenCreated, ApiTok
 from kernex.api.audit import service as audit
 from kernex.api.auth.deps import AdminDep
 from kernex.api.deps import SessionDep
-from kernex.api.errors import ApiError
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["api tokens"])
 
@@ -50,19 +49,8 @@ async def list_tokens(_: AdminDep, session: SessionDep) -> ApiTokenPage:
 async def revoke_token(token_id: str, admin: AdminDep, request: Request, session: SessionDep) -> ApiTokenOut:
     """Revoke a token at once; it stays listed with its revocation time."""
     target = f"api_token:{token_id}"
-    try:
+    async with audit.audited(session, actor=admin, action="token.revoke", target=target, request=request):
         row = await service.revoke(session, token_id)
-    except ApiError as exc:
-        await audit.record(
-            session,
-            actor=admin,
-            action="token.revoke",
-            target=target,
-            outcome="failed",
-            request=request,
-            details={"error": exc.code},
-        )
-        raise
     await audit.record(
         session, actor=admin, action="token.revoke", target=target, outcome="success", request=request
     )

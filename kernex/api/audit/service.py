@@ -93,9 +93,19 @@ async def search(
 
 @asynccontextmanager
 async def audited(
-    session: AsyncSession, *, actor: Principal, action: str, target: str | None, request: Request | None
+    session: AsyncSession,
+    *,
+    actor: Principal | str,
+    action: str,
+    target: str | None,
+    request: Request | None,
+    refused: str = "failed",
 ) -> AsyncIterator[None]:
-    """Record a refused or failed mutation; the successful one records itself with its commit."""
+    """Record a refused or failed mutation; the successful one records itself with its commit.
+
+    `refused` is the outcome written when the body raises: "failed" for a mutation the caller
+    may retry, "denied" for a credential check (login, password change).
+    """
     try:
         yield
     except ApiError as exc:
@@ -105,7 +115,7 @@ async def audited(
             actor=actor,
             action=action,
             target=target,
-            outcome="failed",
+            outcome=refused,
             request=request,
             details={"error": str(exc)[:1000], "code": exc.code, "status": int(exc.status_code)},
         )

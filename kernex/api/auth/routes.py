@@ -20,7 +20,6 @@ from kernex.api.auth.schemas import (
 )
 from kernex.api.clients import client_address
 from kernex.api.deps import SessionDep, StateDep
-from kernex.api.errors import ApiError
 from kernex.kit.logs import get_logger
 
 log = get_logger(__name__)
@@ -46,19 +45,8 @@ async def register_user(
     role = body.role if admin is not None else Role.ADMIN
     actor = admin if admin is not None else f"bootstrap:{body.username}"
     target = f"user:{body.username}"
-    try:
+    async with audit.audited(session, actor=actor, action="user.register", target=target, request=request):
         user = await service.create_user(session, username=body.username, role=role, password=body.password)
-    except ApiError as exc:
-        await audit.record(
-            session,
-            actor=actor,
-            action="user.register",
-            target=target,
-            outcome="failed",
-            request=request,
-            details={"error": exc.code},
-        )
-        raise
     await audit.record(
         session,
         actor=actor,
@@ -81,7 +69,9 @@ async def login(body: LoginRequest, request: Request, session: SessionDep, state
     """Exchange a username and password for an access token."""
     state.limits.check_login(client_address(request), body.username)
     target = f"user:{body.username}"
-    try:
+    async with audit.audited(
+        session, actor="anonymous", action="auth.login", target=target, request=request, refused="denied"
+    ):
         issued = await service.login(
             session,
             secret=state.jwt_secret,
@@ -89,11 +79,6 @@ async def login(body: LoginRequest, request: Request, session: SessionDep, state
             username=body.username,
             password=body.password,
         )
-    except ApiError:
-        await audit.record(
-            session, actor="anonymous", action="auth.login", target=target, outcome="denied", request=request
-        )
-        raise
     await audit.record(
         session, actor=target, action="auth.login", target=target, outcome="success", request=request
     )
@@ -159,21 +144,12 @@ async def change_password(
 ) -> Response:
     """Change the caller's password; every existing access token stops working."""
     target = f"user:{principal.name}"
-    try:
+    async with audit.audited(
+        session, actor=principal, action="auth.password", target=target, request=request, refused="denied"
+    ):
         await service.change_password(
             session, claims.user_id, current=body.current_password, new=body.new_password
         )
-    except ApiError as exc:
-        await audit.record(
-            session,
-            actor=principal,
-            action="auth.password",
-            target=target,
-            outcome="denied",
-            request=request,
-            details={"error": exc.code},
-        )
-        raise
     await audit.record(
         session, actor=principal, action="auth.password", target=target, outcome="success", request=request
     )
