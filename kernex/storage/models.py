@@ -194,6 +194,80 @@ class DeploymentTarget(SQLModel, table=True):
     command_id: str | None = Field(default=None, max_length=64)
     last_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # A rollout's phase (0-based) that selected the device; None outside rollouts.
+    phase: int | None = None
+    # The rollback deployment that reverted the device after its rollout was aborted.
+    reverted_by: str | None = Field(default=None, max_length=64)
+
+
+class DeviceGroup(SQLModel, table=True):
+    """A named set of devices: static (explicit members) or dynamic (a saved filter over devices).
+
+    A dynamic group's members are whichever devices match its filter when it is evaluated (a
+    rollout evaluates it as each phase starts), so devices registered later join it.
+    """
+
+    __tablename__ = "device_groups"
+
+    id: str = Field(default_factory=_uuid, primary_key=True, max_length=64)
+    name: str = Field(max_length=128, unique=True)
+    kind: str = Field(max_length=16)  # static or dynamic
+    filter: dict[str, Any] | None = Field(default=None, sa_type=JSONType)
+    description: str | None = Field(default=None, max_length=512)
+    created_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    created_by: str | None = Field(default=None, max_length=128)
+    updated_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+
+
+class DeviceGroupMember(SQLModel, table=True):
+    """A device listed in a static group."""
+
+    __tablename__ = "device_group_members"
+
+    group_id: str = Field(primary_key=True, max_length=64, foreign_key="device_groups.id", ondelete="CASCADE")
+    device_id: str = Field(
+        primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE", index=True
+    )
+    added_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+
+
+class Rollout(SQLModel, table=True):
+    """A deployment's phased rollout: its strategy, where it stands, and why it stopped."""
+
+    __tablename__ = "rollouts"
+
+    deployment_id: str = Field(
+        primary_key=True, max_length=64, foreign_key="deployments.id", ondelete="CASCADE"
+    )
+    # The validated strategy (kernex.api.rollouts.schemas.RolloutStrategy) and the device selector
+    # ({"device_ids"}, {"tags"} or {"group_id"}), evaluated again as each phase starts.
+    strategy: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    selector: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    state: str = Field(max_length=32, index=True)
+    phase: int = 0  # the current phase, 0-based
+    phase_started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # When the current phase reached its success threshold: its soak time runs from here.
+    phase_passed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    stop_reason: str | None = Field(default=None, sa_type=sa.Text)
+    stopped_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+
+
+class RolloutTransition(SQLModel, table=True):
+    """One recorded step of a rollout: a phase started or passed, an approval, an abort, ..."""
+
+    __tablename__ = "rollout_transitions"
+    __table_args__ = (sa.Index("ix_rollout_transitions_deployment_at", "deployment_id", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    deployment_id: str = Field(max_length=64, foreign_key="deployments.id", ondelete="CASCADE")
+    at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    event: str = Field(max_length=32)
+    state: str = Field(max_length=32)  # the rollout's state after it
+    phase: int | None = None
+    actor: str = Field(max_length=128)
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+    details: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
 
 
 class DeviceConfig(SQLModel, table=True):
