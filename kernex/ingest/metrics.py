@@ -92,6 +92,19 @@ class IngestMetrics:
             "Fleet messages dropped because the publish queue was full (ingest is never slowed).",
             registry=self.registry,
         )
+        # Loss detection: each device's seq grows by one per message, so a jump in the stored
+        # last_seq is a message not (yet) stored. Counted over the fleet, not per device (label
+        # cardinality); gaps minus late is the number still missing (kernex.storage.writer).
+        self.seq_gaps = Counter(
+            "kernex_ingest_seq_gaps_total",
+            "Heartbeat seqs skipped when a device's latest seq advanced (lost, or arriving late).",
+            registry=self.registry,
+        )
+        self.seq_late = Counter(
+            "kernex_ingest_seq_late_total",
+            "Heartbeats stored below their device's latest seq: late arrivals filling a counted gap.",
+            registry=self.registry,
+        )
         # Pre-create every label combination so dashboards see zeros instead of gaps.
         for reason in RejectReason:
             self.rejected.labels(reason=reason.value)

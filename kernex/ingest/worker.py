@@ -509,6 +509,8 @@ class IngestWorker:
             m.count(channel.value, Outcome.DUPLICATE, tally.duplicate)
             for _ in range(tally.vanished):
                 m.reject(channel.value, RejectReason.UNKNOWN_DEVICE)
+        m.seq_gaps.inc(result.seq_gaps)
+        m.seq_late.inc(result.seq_late)
         self._rejections.flush()
         log.debug(
             "batch committed",

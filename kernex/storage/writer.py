@@ -81,6 +81,7 @@ R = TypeVar("R", VerifiedHeartbeat, VerifiedEvent)
 _TIME_COLUMNS = frozenset({"ts", "received_at"})
 REASON_HEARTBEAT = "heartbeat"
 REASON_STATUS = "status message"
+FIRST_SEQ = 1  # a device's first heartbeat (kernex.agent.sequence, and any agent in the guide)
 
 log = get_logger(__name__)
 
@@ -124,6 +125,11 @@ class WriteResult:
     # The batch as integrators see it (kernex.storage.fleet), and the webhook deliveries queued.
     fleet: list[FleetMessage] = field(default_factory=list)
     webhook_deliveries: int = 0
+    # Heartbeat sequence continuity (see seq_continuity): seqs skipped when a device's latest
+    # seq advanced, and heartbeats stored below it afterwards (late, filling such a gap).
+    # gaps minus late is what is missing right now: lost, or still on its way.
+    seq_gaps: int = 0
+    seq_late: int = 0
 
 
 @dataclass(slots=True)
@@ -189,6 +195,8 @@ class BatchWriter:
         result.fleet = fleet
         result.webhook_deliveries = deliveries
         result.reports_applied = applied
+        ahead, result.seq_gaps = seq_continuity(current, heartbeats)
+        result.seq_late = hb_new - ahead
         return result
 
     async def _insert_postgres(
@@ -253,6 +261,31 @@ async def _apply_reports(conn: AsyncConnection, events: list[VerifiedEvent]) -> 
             )
     await recompute(conn, touched, now)
     return applied
+
+
+def seq_continuity(
+    current: dict[str, dict[str, Any]], heartbeats: list[VerifiedHeartbeat]
+) -> tuple[int, int]:
+    """(heartbeats above their device's stored last_seq, seqs skipped below the new last_seq).
+
+    `current` is the devices' state read under the row lock, before this batch. last_seq only
+    moves in the same transaction as the inserts, so a heartbeat above it cannot be stored yet:
+    all of those are new, and whatever else the batch stored lies below it (late). A device
+    with no heartbeat yet counts from FIRST_SEQ - 1, since every agent starts at 1.
+    """
+    above: dict[str, set[int]] = {}
+    for h in heartbeats:
+        state = current.get(h.device_id)
+        if state is None:
+            continue  # the device vanished: nothing of it was stored
+        if h.claims.seq > (state["last_seq"] or FIRST_SEQ - 1):
+            above.setdefault(h.device_id, set()).add(h.claims.seq)
+    ahead = sum(len(seqs) for seqs in above.values())
+    skipped = 0
+    for device_id, seqs in above.items():
+        last = current[device_id]["last_seq"] or FIRST_SEQ - 1
+        skipped += max(seqs) - last - len(seqs)
+    return ahead, skipped
 
 
 def _unique(records: Iterable[R]) -> list[R]:
