@@ -232,6 +232,41 @@ async def test_api_rate_limit_per_client_address(sqlite_url: str, tmp_path: Path
         assert (await client.get("/healthz")).status_code == 200, "probes are never limited"
 
 
+JOSE = {"content-type": "application/jose"}
+
+
+async def test_device_requests_count_per_device_under_an_address_ceiling(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = api_settings(
+        tmp_path, sqlite_url, rate_limit_per_minute=2, device_rate_limit_per_address_per_minute=5
+    )
+    async with running_api(settings) as (_app, client):
+        # A fleet behind one NAT address: each device has its own budget (unknown ids answer 401).
+        statuses = [
+            (await client.post(f"/api/v1/devices/dev{n}/heartbeat", content=b"x", headers=JOSE)).status_code
+            for n in (1, 2)
+        ]
+        assert statuses == [401, 401]
+        again = await client.post("/api/v1/devices/dev1/heartbeat", content=b"x", headers=JOSE)
+        third = await client.post("/api/v1/devices/dev1/heartbeat", content=b"x", headers=JOSE)
+        assert (again.status_code, third.status_code) == (401, 429), "one device past its own limit"
+        assert "this device" in third.json()["error"]["message"]
+        # A device JWT names its device in `kid`: bundle downloads count against that device too.
+        key = generate_private_key(KeyType.ECDSA_P256)
+        token = devicetoken.issue(key, "dev3")
+        download = await client.get(
+            "/api/v1/bundles/b1/download", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert download.status_code != 429
+        # Random ids from one address stop at the address ceiling (5 device requests a minute).
+        ceiling = await client.post("/api/v1/devices/dev4/heartbeat", content=b"x", headers=JOSE)
+        assert ceiling.status_code == 429
+        assert "from this address" in ceiling.json()["error"]["message"]
+        # Operator requests keep their own per-address budget.
+        assert (await client.get(ME)).status_code == 401
+
+
 async def test_unknown_user_and_wrong_password_look_the_same_and_are_audited(
     sqlite_authed_api: AuthedApi,
 ) -> None:

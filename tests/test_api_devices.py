@@ -129,6 +129,17 @@ async def test_register_rejects_weak_malformed_and_forged_csrs(api) -> None:
     assert response.status_code == 413
     assert response.headers["x-request-id"]
 
+    # A chunked body has no Content-Length to check up front: it is counted as it arrives.
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b" " * (64 * 1024)
+
+    response = await client.post(
+        "/api/v1/devices/register", content=chunked(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
 
 async def test_device_list_filters_search_pagination_and_stats(api, database_url: str) -> None:
     client, _ = api

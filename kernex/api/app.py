@@ -46,7 +46,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     registry = CollectorRegistry()
     gauges = FleetGauges(registry)
     limits = RateLimits(
-        per_minute=settings.rate_limit_per_minute, login_per_minute=settings.login_rate_limit_per_minute
+        per_minute=settings.rate_limit_per_minute,
+        login_per_minute=settings.login_rate_limit_per_minute,
+        device_address_per_minute=settings.device_rate_limit_per_address_per_minute,
     )
 
     @asynccontextmanager

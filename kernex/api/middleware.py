@@ -13,11 +13,15 @@ import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernex.api.clients import resolve_client_address
 from kernex.api.errors import RateLimitedError, error_response
 from kernex.api.ratelimit import RateLimits
 from kernex.api.settings import ApiSettings
+from kernex.protocol import jws
+from kernex.protocol.devicetoken import DEVICE_TOKEN_TYP
+from kernex.protocol.exceptions import ProtocolError
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A caller-supplied id is echoed only if it looks like an id, never arbitrary text in our logs.
@@ -56,6 +60,29 @@ DOCS_PREFIX = "/docs"
 CORS_MAX_AGE_S = 600  # browsers cache a preflight answer for this long
 
 
+# Paths a device calls with its own id in them (DESIGN.md device endpoints).
+_DEVICE_PATH_RE = re.compile(r"^/api/v1/devices/([^/]+)/(?:heartbeat|events|certificate|registration)$")
+
+
+def _device_of(request: Request) -> str | None:
+    """The device a request claims to come from, for rate limiting only (the route verifies it).
+
+    The id in a device path, or the `kid` of a device JWT (bundle downloads); None for operators.
+    """
+    match = _DEVICE_PATH_RE.match(request.url.path)
+    if match is not None:
+        return match.group(1)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    try:
+        header = jws.unverified_header(token)
+    except ProtocolError:
+        return None
+    kid = header.get("kid")
+    return kid if header.get("typ") == DEVICE_TOKEN_TYP and isinstance(kid, str) else None
+
+
 def _content_type_ok(value: str | None) -> bool:
     media = (value or "").split(";", 1)[0].strip().lower()
     return media in ACCEPTED_CONTENT_TYPES or (media.startswith("application/") and media.endswith("+json"))
@@ -82,6 +109,67 @@ def _security_headers(response: Response, request: Request, *, https: bool) -> N
         headers["Strict-Transport-Security"] = f"max-age={HSTS_MAX_AGE_S}; includeSubDomains"
 
 
+class _BodyGuard:
+    """One request's body count: past the limit the app sees a disconnect and its answer is dropped."""
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive, self._send, self.limit = receive, send, limit
+        self._received = 0
+        self.exceeded = self._started = False
+
+    @property
+    def cut_off(self) -> bool:
+        """The body went over the limit before any response started: answer 413 instead."""
+        return self.exceeded and not self._started
+
+    async def receive(self) -> Message:
+        if self.exceeded:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self.limit:
+                self.exceeded = True
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.cut_off:
+            return  # the route's answer to the cut-off body; BodyLimit sends the 413 instead
+        self._started = True
+        await self._send(message)
+
+
+class BodyLimit:
+    """Counts the bytes a request body really carries and answers 413 past the limit.
+
+    Content-Length is checked before the route runs; a chunked body has none, so without this
+    count a client could stream an unbounded JSON body into memory.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit_for: Callable[[str, str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        guard = _BodyGuard(receive, send, self.limit_for(scope["method"], scope["path"]))
+        try:
+            await self.app(scope, guard.receive, guard.send)
+        except Exception:
+            if not guard.cut_off:
+                raise
+            # The route failed on the body we cut off (it saw a disconnect): the 413 answers it.
+        if guard.cut_off:
+            message = f"request body over {guard.limit} bytes"
+            response = error_response(
+                Request(scope), HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body_too_large", message
+            )
+            await response(scope, receive, send)
+
+
 def install_middleware(
     app: FastAPI, registry: CollectorRegistry, settings: ApiSettings, limits: RateLimits
 ) -> None:
@@ -94,6 +182,11 @@ def install_middleware(
     )
     max_body_bytes = settings.max_body_bytes
     max_upload_bytes = settings.max_bundle_bytes + UPLOAD_FRAMING_BYTES
+
+    def body_limit(method: str, path: str) -> int:
+        return max_upload_bytes if (method, path) in STREAMED_UPLOADS else max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
     # Added first so it sits inside the middleware below: preflight answers get ids and headers too.
     app.add_middleware(
         CORSMiddleware,
@@ -109,13 +202,13 @@ def install_middleware(
     def _refusal(request: Request) -> Response | None:
         if request.url.path not in UNLIMITED_PATHS:
             try:
-                limits.check_request(request.state.client_address)
+                limits.check_request(request.state.client_address, _device_of(request))
             except RateLimitedError as exc:
                 response = error_response(request, exc.status_code, exc.code, str(exc))
                 response.headers.update(exc.headers)
                 return response
         length = request.headers.get("content-length")
-        limit = max_upload_bytes if (request.method, request.url.path) in STREAMED_UPLOADS else max_body_bytes
+        limit = body_limit(request.method, request.url.path)
         if length is not None and (not length.isdigit() or int(length) > limit):
             return error_response(
                 request,

@@ -23,9 +23,11 @@ LOGIN_ADDRESS_FACTOR = 4
 class RateLimits:
     """The API-wide and the login limits of one process."""
 
-    def __init__(self, *, per_minute: int, login_per_minute: int) -> None:
+    def __init__(self, *, per_minute: int, login_per_minute: int, device_address_per_minute: int) -> None:
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
         self._api = RateLimitItemPerMinute(per_minute, namespace="api")
+        self._device = RateLimitItemPerMinute(per_minute, namespace="device")
+        self._device_address = RateLimitItemPerMinute(device_address_per_minute, namespace="device-address")
         self._login = RateLimitItemPerMinute(login_per_minute, namespace="login")
         self._login_address = RateLimitItemPerMinute(
             login_per_minute * LOGIN_ADDRESS_FACTOR, namespace="login-address"
@@ -39,9 +41,18 @@ class RateLimits:
             f"too many {what}; retry later", retry_after_s=math.ceil(reset_at - time.time())
         )
 
-    def check_request(self, address: str) -> None:
-        """Count one API request from the address; RateLimitedError past the limit."""
-        self._hit(self._api, address, what="requests")
+    def check_request(self, address: str, device: str | None = None) -> None:
+        """Count one API request; RateLimitedError past the limit.
+
+        A device's request (`device` is the id it names) counts against that device, so a fleet
+        behind one NAT address is not limited as if it were one client; the address still has a
+        ceiling for all the device requests it sends, which bounds a client naming random ids.
+        """
+        if device is None:
+            self._hit(self._api, address, what="requests")
+            return
+        self._hit(self._device_address, address, what="device requests from this address")
+        self._hit(self._device, address, device, what="requests from this device")
 
     def check_login(self, address: str, username: str) -> None:
         """Count one login attempt; RateLimitedError past the per-username or per-address limit."""

@@ -79,6 +79,9 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     cors_origins: list[str] = Field(default_factory=list)
     # Requests per minute per client address, for every route except the health probes and /metrics.
     rate_limit_per_minute: int = Field(default=60, ge=1)
+    # Device requests (fallback heartbeats and events, renewal, bundle downloads) count per device;
+    # all of them from one address together stop at this many a minute (a fleet behind one NAT).
+    device_rate_limit_per_address_per_minute: int = Field(default=6000, ge=1)
     # Login attempts per minute per client address and username (brute force); per address it is 4x this.
     login_rate_limit_per_minute: int = Field(default=5, ge=1)
     # Behind a reverse proxy: take the client address from the last X-Forwarded-For hop and the scheme
