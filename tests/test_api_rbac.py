@@ -66,6 +66,9 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("DELETE", "/api/v1/webhooks/{webhook_id}"): Access.OPERATOR,
     ("GET", "/api/v1/webhooks/{webhook_id}/deliveries"): Access.VIEWER,
     ("GET", "/api/v1/audit"): Access.ADMIN,
+    ("GET", "/api/v1/command-keys"): Access.VIEWER,
+    ("POST", "/api/v1/command-keys/rotate"): Access.ADMIN,
+    ("DELETE", "/api/v1/command-keys/{kid}"): Access.ADMIN,
     # The CSR is the device's proof of possession; admission policies decide what follows.
     ("POST", "/api/v1/devices/register"): Access.PUBLIC,
     ("GET", "/api/v1/devices"): Access.VIEWER,

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from kernex.protocol.commands import Command, ConfigBody
+from kernex.protocol.commands import Command, ConfigBody, KeySet
 from kernex.protocol.fleet import FleetChannel
+from kernex.protocol.messages import CommandKey
 from kernex.protocol.topics import Channel, CommandKind, Topics
 from tests.fixtures import asyncapi
 from tests.fixtures.ingest import heartbeat_claims
@@ -72,6 +73,7 @@ def test_every_kernex_topic_is_documented() -> None:
         asyncapi.channel_for(topics.device(device, channel))
     for kind in CommandKind:
         asyncapi.channel_for(topics.command(device, kind))
+    asyncapi.channel_for(topics.command_keys())
     for fleet in FleetChannel:
         asyncapi.channel_for(topics.fleet("devices", device, fleet.value))
     with pytest.raises(AssertionError):
@@ -126,6 +128,13 @@ def test_real_device_messages_validate_against_their_claims_schemas() -> None:
         config=ConfigBody(version=2, values={"log_level": "DEBUG"}),
     )
     assert not asyncapi.errors(schemas["CommandClaims"], command.model_dump(mode="json"))
+    key_set = KeySet(
+        version=2,
+        issued_at=now,
+        keys=[CommandKey(kid="cp-1", alg="ES256", public_key_pem="-----BEGIN PUBLIC KEY-----\n")],
+    )
+    assert not asyncapi.errors(schemas["KeySetClaims"], key_set.model_dump(mode="json"))
+    assert asyncapi.errors(schemas["KeySetClaims"], {**key_set.model_dump(mode="json"), "keys": []})
     status_topic = Topics().status(device)
     assert not asyncapi.message_errors(status_topic, {"status": "online", "ts": "2026-11-28T12:00:00Z"})
     assert asyncapi.message_errors(status_topic, {"status": "sleeping"})

@@ -29,7 +29,7 @@ import structlog
 
 from kernex import __version__
 from kernex.agent.bundles import BundleInstaller, Progress
-from kernex.agent.commands import CommandHandler, Source, pinned_command_keys
+from kernex.agent.commands import CommandHandler, Source, initial_keys, pinned_command_keys
 from kernex.agent.config import Configurator, LiveSettings
 from kernex.agent.deploy import Deployer
 from kernex.agent.events import EventPublisher
@@ -49,7 +49,7 @@ from kernex.kit.logs import get_logger
 from kernex.protocol import jws
 from kernex.protocol.exceptions import TopicError
 from kernex.protocol.keys import PublicKey
-from kernex.protocol.messages import ConnectionStatus, RegistrationResponse, format_ts, utc_now
+from kernex.protocol.messages import CommandKey, ConnectionStatus, RegistrationResponse, format_ts, utc_now
 from kernex.protocol.topics import Channel, Topics
 from kernex.protocol.version import PROTOCOL_VERSION
 
@@ -197,10 +197,11 @@ class Agent:
             return BundleInstaller.for_agent(self.settings, identity, registration, http, progress=progress)
 
         self._deployer = Deployer(self._store, installer_for, events, self.live)
-        pinned = _pinned_keys(registration)
+        keys = initial_keys(registration, self._store.state.command_keys)
         self._commands = commands = CommandHandler(
             device_id=identity.device_id,
-            pinned=pinned,
+            pinned=_pinned_keys(keys.keys),
+            key_set_version=keys.version,
             store=self._store,
             deployer=self._deployer,
             configurator=configurator,
@@ -374,8 +375,14 @@ class Agent:
                     status_topic, status_payload(ConnectionStatus.ONLINE), qos=QOS_AT_LEAST_ONCE, retain=True
                 )
                 _raise_if_cancelled()
-                # Commands are retained: subscribing on every connect delivers the latest of each kind.
-                await client.subscribe(topics.commands_filter(identity.device_id), qos=QOS_AT_LEAST_ONCE)
+                # Commands are retained: subscribing on every connect delivers the latest of each kind,
+                # and the fleet's current command key set.
+                await client.subscribe(
+                    [
+                        (topics.commands_filter(identity.device_id), QOS_AT_LEAST_ONCE),
+                        (topics.command_keys(), QOS_AT_LEAST_ONCE),
+                    ]
+                )
                 _raise_if_cancelled()
                 # Both run until the connection drops, which ends them with MqttError.
                 await _until_first_exits(
@@ -441,8 +448,11 @@ class Agent:
     def _on_message(
         self, message: aiomqtt.Message, topics: Topics, device_id: str, commands: CommandHandler
     ) -> None:
-        """Hand a command to the command handler (which verifies it in its own task)."""
+        """Hand a command or key set to the command handler (which verifies it in its own task)."""
         topic = message.topic.value
+        if topic == topics.command_keys():
+            commands.submit_key_set(_payload_bytes(message.payload), Source.MQTT)
+            return
         try:
             parsed = topics.parse(topic)
         except TopicError as exc:
@@ -471,10 +481,10 @@ def _payload_bytes(payload: object) -> bytes:
     return b"" if payload is None else str(payload).encode("utf-8")
 
 
-def _pinned_keys(registration: RegistrationResponse) -> Mapping[str, PublicKey]:
-    pinned = pinned_command_keys(registration.command_keys)
+def _pinned_keys(keys: list[CommandKey]) -> Mapping[str, PublicKey]:
+    pinned = pinned_command_keys(keys)
     if not pinned:
-        log.warning("no control-plane key pinned at registration: every command will be refused")
+        log.warning("no control-plane key pinned: every command will be refused")
     return pinned
 
 

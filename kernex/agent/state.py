@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kernex.agent.exceptions import StateError
 from kernex.agent.files import ensure_private_dir, write_atomic
 from kernex.protocol.commands import DeploymentStage
-from kernex.protocol.messages import BIGINT_MAX, BundleRef, RegistrationResponse
+from kernex.protocol.messages import BIGINT_MAX, BundleRef, CommandKey, RegistrationResponse
 
 STATE_FILE = "state.json"
 CERT_FILE = "device.crt"
@@ -46,6 +46,15 @@ class DeployRecord(BaseModel):
     current_version: str | None = None
 
 
+class PinnedKeys(BaseModel):
+    """The control-plane keys taken up from a signed key set, and that set's version."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: Annotated[int, Field(ge=0, le=BIGINT_MAX)]
+    keys: list[CommandKey]
+
+
 class AgentState(BaseModel):
     """Everything the agent must remember across restarts."""
 
@@ -62,6 +71,8 @@ class AgentState(BaseModel):
     # Per command kind, the highest revision taken up; lower or equal ones are never run.
     revisions: dict[str, Annotated[int, Field(ge=0, le=BIGINT_MAX)]] = Field(default_factory=dict)
     deploy: DeployRecord | None = None
+    # The newest signed command key set taken up; None: the keys pinned at registration.
+    command_keys: PinnedKeys | None = None
 
 
 class StateStore:

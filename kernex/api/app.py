@@ -17,6 +17,7 @@ from kernex.api.audit import routes as audit
 from kernex.api.auth import routes as auth
 from kernex.api.broker_link import BrokerLink
 from kernex.api.bundles import routes as bundles
+from kernex.api.commands import routes as commands
 from kernex.api.configs import routes as configs
 from kernex.api.dashboard.routes import install_dashboard
 from kernex.api.deployments import routes as deployments
@@ -113,6 +114,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # Carries the commands lifespan (signing key, republisher, sweeper): after bundles, whose
         # store deployments check.
         deployments.router,
+        commands.router,
         deployments.device_router,
         configs.device_router,
         configs.router,

@@ -39,6 +39,9 @@ class BrokerLink:
         self._connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self.last_error: str | None = None
+        self.connects = (
+            0  # connections made so far: a new one may face a broker that forgot retained messages
+        )
 
     @property
     def connected(self) -> bool:
@@ -79,6 +82,7 @@ class BrokerLink:
             try:
                 async with client:
                     self._client = client
+                    self.connects += 1
                     self._connected.set()
                     self.last_error = None
                     backoff.reset()

@@ -33,6 +33,9 @@ WEBHOOK_KEY_NAME = "webhook-key"  # the file name in the data dir, not a secret
 # A device offline for a week still finds its commands; older ones it must not act on any more.
 COMMAND_TTL_S = 7 * 24 * 3600
 DEPLOYMENT_TIMEOUT_S = 300  # an install that takes more than five minutes after pickup is stuck
+# A rotated command key starts signing a day later: every device online meanwhile has pinned it
+# from the key set, and one offline longer still obeys the old key, which stays trusted.
+COMMAND_KEY_TRANSITION_S = 24 * 3600
 REPUBLISH_INTERVAL_S = 5.0  # how soon a command recorded while the broker was down goes out
 SWEEP_INTERVAL_S = 10.0  # timeouts and offline marks land within this of being due
 MISSED_HEARTBEATS = 3  # one lost heartbeat is noise; three in a row is a device gone
@@ -98,6 +101,8 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     # Commands recorded while the broker was unreachable are published at this pace (and at once on
     # reconnect).
     command_republish_interval_s: float = Field(default=REPUBLISH_INTERVAL_S, gt=0, le=3600)
+    # A command key added by a rotation signs commands this long after it was added.
+    command_key_transition_s: int = Field(default=COMMAND_KEY_TRANSITION_S, ge=0, le=30 * 24 * 3600)
     # How often deployment timeouts and device liveness are checked.
     sweep_interval_s: float = Field(default=SWEEP_INTERVAL_S, gt=0, le=3600)
     # An online device is marked offline after this many of its heartbeat intervals of silence.

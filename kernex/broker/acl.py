@@ -35,6 +35,8 @@ def render_acl(topics: Topics, *, integrators: Sequence[str] = ()) -> str:
         f"pattern write {devices}/%u/{Channel.EVENTS.value}",
         f"pattern readwrite {devices}/%u/{Channel.STATUS.value}",
         f"pattern read {devices}/%u/{Channel.COMMANDS.value}/#",
+        "# Every client may read the signed control-plane key set (public keys only).",
+        f"pattern read {topics.command_keys()}",
         "",
         "# Ingest reads what devices publish and republishes verified events for integrators.",
         f"user {INGEST_IDENTITY}",
@@ -46,6 +48,7 @@ def render_acl(topics: Topics, *, integrators: Sequence[str] = ()) -> str:
         "# The API publishes (and clears) retained commands and watches device status.",
         f"user {API_IDENTITY}",
         f"topic readwrite {devices}/+/{Channel.COMMANDS.value}/#",
+        f"topic write {topics.command_keys()}",
         f"topic read {topics.all_devices(Channel.STATUS)}",
     ]
     for name in dict.fromkeys(integrators):

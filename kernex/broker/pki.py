@@ -6,6 +6,8 @@ Layout of the PKI directory (0700; every file 0600, written atomically):
     broker.crt, broker.key      Mosquitto's server certificate (SAN: the broker's host names)
     services/<name>.crt|.key    client certificates of kernex-ingest, kernex-api and integrators
     command-signing.key         control-plane key that signs commands; encrypted with the passphrase
+    command-keys.json, command-keys/<kid>.key
+                                the command key ring once rotated (kernex.broker.command_keys)
     release-signing.key         release key that signs bundle manifests; encrypted with the passphrase
 
 Mosquitto and paho read the TLS keys from files and cannot decrypt them, so those stay
@@ -210,7 +212,7 @@ class FleetPKI:
         for host in hosts:
             check_identity(host, "broker host")
         ensure_private_dir(self.directory)
-        with _exclusive_lock(self.directory / ".lock"):
+        with exclusive_lock(self.directory / ".lock"):
             created = self._ensure_ca()
             ca_cert, _ = self._load_ca()
             if self._needs_certificate(self.broker_cert_path, self.broker_key_path, ca_cert, hosts):
@@ -281,7 +283,7 @@ class FleetPKI:
         The CRL is valid as long as the CA: OpenSSL refuses every client once a CRL's nextUpdate
         passes, and nothing here re-signs it on a schedule.
         """
-        with _exclusive_lock(self.directory / CRL_LOCK_NAME):
+        with exclusive_lock(self.directory / CRL_LOCK_NAME):
             ca_cert, ca_key = self._load_ca()
             entries: dict[int, datetime] = {}
             if self.crl_path.exists():
@@ -357,6 +359,14 @@ class FleetPKI:
     def command_public_key_pem(self) -> str:
         """The command-signing public key, as registration hands it to devices to pin."""
         return public_key_to_pem(self.command_public_key)
+
+    def seal_key(self, key: ec.EllipticCurvePrivateKey) -> bytes:
+        """A key as PEM encrypted with the PKI passphrase (how every signing key is kept at rest)."""
+        return self._encrypt(key)
+
+    def open_key(self, path: Path, what: str) -> ec.EllipticCurvePrivateKey:
+        """Decrypt a key kept by seal_key; PKIError when missing, unencrypted or undecryptable."""
+        return self._load_encrypted(path, what)
 
     # --- release signing -------------------------------------------------------------------
 
@@ -616,8 +626,8 @@ def _read(path: Path) -> bytes:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Serialise `init` between processes (`kernex up` may start several at once)."""
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Serialise changes to the PKI directory between processes (`kernex up` may start several)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

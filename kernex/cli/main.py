@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kernex.cli import agent, agent_ops, backup, broker, bundle, integrations, server, users
+from kernex.cli import agent, agent_ops, backup, broker, bundle, integrations, keys, server, users
 
 app = typer.Typer(
     name="kernex",
@@ -19,6 +19,7 @@ app.add_typer(broker.pki_app, name="pki", help="Manage the fleet PKI.")
 app.add_typer(broker.broker_app, name="broker", help="Render and run the Mosquitto broker.")
 app.add_typer(bundle.app, name="bundle", help="Build, sign and upload update bundles.")
 app.add_typer(integrations.app, name="integrations", help="Read-only MQTT credentials for the fleet topics.")
+app.add_typer(keys.app, name="keys", help="Rotate the control-plane keys that sign commands.")
 server.register(app)
 backup.register(app)
 users.register(app)

@@ -1,9 +1,9 @@
 """Signed commands (platform → device) and the events that report on them (DESIGN.md).
 
 Commands are retained on `.../commands/{kind}`, signed by a control-plane key the device pinned
-at registration. Each carries a per-device `revision` that only grows; the agent compares it
-per kind with the last revision it executed, so a retained command is never run twice and an
-older one never undoes a newer one.
+at registration (or took up since from a signed key set, below). Each carries a per-device
+`revision` that only grows; the agent compares it per kind with the last revision it executed,
+so a retained command is never run twice and an older one never undoes a newer one.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Annotated, Any, Self
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kernex.protocol import jws
-from kernex.protocol.exceptions import MessageError, SignatureError
-from kernex.protocol.keys import PrivateKey, PublicKey
-from kernex.protocol.messages import BIGINT_MAX, ID_MAX_LEN, SHORT_TEXT
+from kernex.protocol.exceptions import InvalidKeyError, MessageError, SignatureError, StaleKeySetError
+from kernex.protocol.keys import PrivateKey, PublicKey, load_public_key_pem
+from kernex.protocol.messages import BIGINT_MAX, ID_MAX_LEN, SHORT_TEXT, CommandKey
 from kernex.protocol.topics import CommandKind
 
 CONFIG_VALUES_MAX_BYTES = 64 * 1024  # config rides in a retained MQTT message; keep it small
@@ -99,6 +99,66 @@ def verify_command(
     if command.expires_at <= now:
         raise SignatureError(f"command {command.command_id} expired at {command.expires_at.isoformat()}")
     return command
+
+
+# --- Command key sets: rotating the control-plane keys ------------------------------------
+
+TYP_KEY_SET = "kernex-keyset+jws"
+# A device pins a handful of keys: the one signing now, the next one, and a few not yet retired.
+KEY_SET_MAX_KEYS = 16
+
+
+class KeySet(_Frozen):
+    """Claims of a signed command key set: the control-plane keys a device is to pin, all of them.
+
+    Signed by a key the device already pins, so trust passes from key to key; `version` only
+    grows, so an older set (which may still list a retired key) is never taken back.
+    """
+
+    version: Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+    issued_at: AwareDatetime
+    keys: Annotated[list[CommandKey], Field(min_length=1, max_length=KEY_SET_MAX_KEYS)]
+
+
+def sign_key_set(key_set: KeySet, key: PrivateKey, key_id: str) -> str:
+    """Sign a key set with the control-plane key that signs commands now."""
+    return jws.sign_claims(key_set.model_dump(mode="json"), key, kid=key_id, typ=TYP_KEY_SET)
+
+
+def verify_key_set(
+    token: str | bytes, pinned: Mapping[str, PublicKey], *, current_version: int
+) -> tuple[KeySet, dict[str, PublicKey]]:
+    """Verify a key set against the pinned keys; returns it and its keys by kid.
+
+    Raises SignatureError when it is not signed by a pinned key, StaleKeySetError when its
+    version is not above current_version, MessageError when its claims or keys are unusable
+    (a set is taken whole or not at all: a device never pins half of one).
+    """
+    header = jws.unverified_header(token)
+    if header.get("typ") != TYP_KEY_SET:
+        raise SignatureError("not a command key set")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or kid not in pinned:
+        raise SignatureError(f"key set signed by a key this device does not trust: {kid!r}")
+    verified = jws.verify(token, pinned[kid])
+    try:
+        key_set = KeySet.model_validate(json.loads(verified.payload))
+    except (ValueError, ValidationError) as exc:
+        raise MessageError(f"malformed key set: {exc}") from None
+    if key_set.version <= current_version:
+        raise StaleKeySetError(
+            f"key set version {key_set.version} is not above the pinned {current_version}",
+            version=key_set.version,
+        )
+    keys: dict[str, PublicKey] = {}
+    for key in key_set.keys:
+        try:
+            keys[key.kid] = load_public_key_pem(key.public_key_pem)
+        except InvalidKeyError as exc:
+            raise MessageError(
+                f"key set version {key_set.version}: key {key.kid!r} is unusable: {exc}"
+            ) from None
+    return key_set, keys
 
 
 # --- Events that report on commands ------------------------------------------------------

@@ -21,6 +21,14 @@ class SignatureError(ProtocolError):
     """A JWS is malformed, uses an algorithm other than the key's, or its signature fails."""
 
 
+class StaleKeySetError(SignatureError):
+    """A signed command key set is not newer than the set the device already pins (a rollback)."""
+
+    def __init__(self, message: str, *, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class MessageError(ProtocolError):
     """A message's claims are not valid JSON or do not match its schema."""
 

@@ -175,6 +175,9 @@ class RegistrationResponse(BaseModel):
     ca_certificate: str
     mqtt: MqttEndpoint
     command_keys: list[CommandKey]
+    # The version of the key set command_keys is (kernex.protocol.commands.KeySet); a signed set
+    # is taken up only when newer. 0: the first key, never rotated (and older servers).
+    command_keys_version: Annotated[int, Field(ge=0, le=BIGINT_MAX)] = 0
     # Keys that sign bundle releases; agents verify every bundle against these before extracting.
     release_keys: list[CommandKey] = Field(default_factory=list)
     # The server's protocol version and the oldest agent protocol it accepts; absent from older

@@ -78,6 +78,10 @@ class Topics:
         """The filter a device subscribes to for all its commands."""
         return f"{self.device(device_id, Channel.COMMANDS)}/#"
 
+    def command_keys(self) -> str:
+        """The retained, signed set of control-plane keys every device pins (one for the fleet)."""
+        return f"{self.prefix}/control/command-keys"
+
     def all_devices(self, channel: Channel) -> str:
         """The filter matching one channel of every device."""
         return f"{self.prefix}/devices/+/{channel.value}"

@@ -1,9 +1,9 @@
 """What the commands domain owns for the app's lifetime: the signer, the publisher, the background tasks.
 
 Carried by the deployments router as its lifespan (FastAPI merges it into the app's, after the
-app's own resources exist): it unlocks the command-signing key, starts the republisher (pending
-commands out to the broker) and the sweeper (deployment timeouts, device liveness), and stops
-both before the app's engine is disposed.
+app's own resources exist): it unlocks the command key ring, starts the republisher (pending
+commands out to the broker), the key set publisher (kernex.api.commands.keys) and the sweeper
+(deployment timeouts, device liveness), and stops them before the app's engine is disposed.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kernex.api.commands.keys import CommandKeys
 from kernex.api.commands.publisher import CommandPublisher
 from kernex.api.commands.service import CommandSigner
 from kernex.api.settings import ApiSettings
 from kernex.api.state import AppState
+from kernex.broker.command_keys import CommandKeyRing
 from kernex.kit.logs import get_logger
 from kernex.protocol.topics import Topics
 from kernex.storage.sweeper import fail_overdue_targets, mark_silent_devices_offline
@@ -35,26 +37,35 @@ log = get_logger(__name__)
 class CommandRuntime:
     """The commands domain's long-lived resources."""
 
-    signer: CommandSigner
+    keys: CommandKeys
     publisher: CommandPublisher
     topics: Topics
+
+    @property
+    def signer(self) -> CommandSigner:
+        """The key commands are signed with now (the command key ring's current one)."""
+        return self.keys.signer()
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Unlock the signing key, start the republisher and the sweeper; stop them on the way out."""
+    """Unlock the key ring, start the republisher, key set publisher and sweeper; stop them on the way out."""
     state: AppState = app.state.kernex
     settings = state.settings
-    # Unlocking the key runs the passphrase KDF: keep it off the event loop.
-    key = await asyncio.to_thread(state.pki.command_signing_key)
-    signer = CommandSigner(
-        key=key, key_id=state.pki.command_key_id, ttl=timedelta(seconds=settings.command_ttl_s)
-    )
     topics = Topics(settings.topic_prefix)
+    keys = CommandKeys(
+        CommandKeyRing(state.pki),
+        state.broker,
+        topics.command_keys(),
+        ttl=timedelta(seconds=settings.command_ttl_s),
+        interval_s=settings.command_republish_interval_s,
+    )
+    await keys.load()
     publisher = CommandPublisher(state.engine, state.broker, topics, settings.command_republish_interval_s)
-    app.state.commands = CommandRuntime(signer=signer, publisher=publisher, topics=topics)
+    app.state.commands = CommandRuntime(keys=keys, publisher=publisher, topics=topics)
     tasks = [
         asyncio.create_task(publisher.run(), name="command-republisher"),
+        asyncio.create_task(keys.run(), name="command-key-set"),
         asyncio.create_task(sweep_forever(state.engine, settings), name="sweeper"),
     ]
     try:

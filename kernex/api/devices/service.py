@@ -22,6 +22,7 @@ from kernex.api.devices.schemas import (
 )
 from kernex.api.errors import ConflictError, ForbiddenError, NotFoundError
 from kernex.api.settings import ApiSettings
+from kernex.broker.command_keys import CommandKeyRing
 from kernex.broker.pki import FleetPKI
 from kernex.kit.logs import get_logger
 from kernex.protocol.keys import (
@@ -109,6 +110,9 @@ async def register(
         state=device.state.value,
         admission=admission.reason if admission is not None else None,
     )
+    # Every key of the ring, the next signer included: a device registering mid-rotation trusts
+    # it from the start. A file read (decrypting nothing once the PKI has loaded its first key).
+    ring = await asyncio.to_thread(CommandKeyRing(pki).load)
     response = RegistrationResponse(
         device_id=device_id,
         status=device.state.value,
@@ -119,9 +123,8 @@ async def register(
             port=settings.advertised_mqtt_port,
             topic_prefix=settings.topic_prefix,
         ),
-        command_keys=[
-            CommandKey(kid=pki.command_key_id, alg="ES256", public_key_pem=pki.command_public_key_pem)
-        ],
+        command_keys=ring.public_keys,
+        command_keys_version=ring.version,
         release_keys=list(release_keys),
         protocol_version=PROTOCOL_VERSION,
         min_protocol_version=MIN_PROTOCOL_VERSION,
