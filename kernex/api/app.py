@@ -26,9 +26,11 @@ from kernex.api.docs.routes import install_docs
 from kernex.api.errors import ERROR_RESPONSES, install_error_handlers
 from kernex.api.fallback import routes as fallback
 from kernex.api.fleet_metrics import FleetGauges
+from kernex.api.groups import routes as groups
 from kernex.api.health import routes as health
 from kernex.api.middleware import install_middleware
 from kernex.api.ratelimit import RateLimits
+from kernex.api.rollouts import routes as rollouts
 from kernex.api.settings import ApiSettings
 from kernex.api.state import AppState
 from kernex.api.users import routes as users
@@ -114,6 +116,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # Carries the commands lifespan (signing key, republisher, sweeper): after bundles, whose
         # store deployments check.
         deployments.router,
+        # Carries the rollout engine's lifespan, which needs the commands runtime: after deployments.
+        rollouts.router,
+        groups.router,
+        groups.device_router,
         commands.router,
         deployments.device_router,
         configs.device_router,

@@ -38,6 +38,7 @@ DEPLOYMENT_TIMEOUT_S = 300  # an install that takes more than five minutes after
 COMMAND_KEY_TRANSITION_S = 24 * 3600
 REPUBLISH_INTERVAL_S = 5.0  # how soon a command recorded while the broker was down goes out
 SWEEP_INTERVAL_S = 10.0  # timeouts and offline marks land within this of being due
+ROLLOUT_INTERVAL_S = 5.0  # rollout phases start, and paced commands go out, within this of being due
 MISSED_HEARTBEATS = 3  # one lost heartbeat is noise; three in a row is a device gone
 DEFAULT_HEARTBEAT_INTERVAL_S = 60  # DESIGN.md: a heartbeat a minute unless configured otherwise
 
@@ -105,6 +106,8 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     command_key_transition_s: int = Field(default=COMMAND_KEY_TRANSITION_S, ge=0, le=30 * 24 * 3600)
     # How often deployment timeouts and device liveness are checked.
     sweep_interval_s: float = Field(default=SWEEP_INTERVAL_S, gt=0, le=3600)
+    # How often the rollout engine steps each rollout (phase starts, paced commands, abort checks).
+    rollout_interval_s: float = Field(default=ROLLOUT_INTERVAL_S, gt=0, le=3600)
     # An online device is marked offline after this many of its heartbeat intervals of silence.
     offline_after_missed_heartbeats: int = Field(default=MISSED_HEARTBEATS, ge=1, le=1000)
     # The heartbeat interval assumed for devices whose configuration sets none.

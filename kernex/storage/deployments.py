@@ -5,12 +5,15 @@ sweeper fails targets that ran out of time. All of them change targets through t
 on an `AsyncConnection` inside the caller's transaction, so the rules live in one place:
 
 - A target's status is `pending` until the device reports, then the stage it reported
-  (kernex.protocol.commands.DeploymentStage), or `cancelled`/`superseded` by an operator.
+  (kernex.protocol.commands.DeploymentStage), or `cancelled`/`superseded` by an operator. A
+  rollout's target is `queued` before it: its phase selected the device, but its command waits
+  for the rollout's rate limit or maintenance window.
 - Reports are applied by `seq`, never by arrival: an older or repeated report changes nothing,
   and a terminal status is never replaced by a non-terminal stage. A terminal stage the device
   reports does replace a terminal status the server decided (timeout, cancelled, superseded):
   the device's account of what it actually did wins.
-- The deployment's status follows from its targets' (`aggregate_status`).
+- The deployment's status follows from its targets' (`aggregate_status`), except that a
+  rollout still running (or awaiting approval) keeps it in progress between phases.
 
 Lock order, to keep concurrent writers from deadlocking: device rows (ingest), then target rows,
 then deployment rows in id order.
@@ -28,7 +31,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kernex.protocol.commands import DeploymentProgress
-from kernex.storage.models import Bundle, Deployment, DeploymentTarget, Device, DeviceBundleHistory
+from kernex.storage.models import (
+    Bundle,
+    Deployment,
+    DeploymentTarget,
+    Device,
+    DeviceBundleHistory,
+    Rollout,
+)
 
 TIMEOUT_ERROR = "timeout"  # the target's error when it did not finish within the deployment timeout
 EXPIRED_ERROR = "expired"  # the target's error when its command expired before the device took it up
@@ -38,11 +48,13 @@ _DEPLOYMENTS: sa.Table = Deployment.__table__  # type: ignore[attr-defined]  # a
 _HISTORY: sa.Table = DeviceBundleHistory.__table__  # type: ignore[attr-defined]  # as above
 _DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]  # as above
 _BUNDLES: sa.Table = Bundle.__table__  # type: ignore[attr-defined]  # as above
+_ROLLOUTS: sa.Table = Rollout.__table__  # type: ignore[attr-defined]  # as above
 
 
 class TargetStatus(StrEnum):
     """Where one device stands in a deployment."""
 
+    QUEUED = "queued"
     PENDING = "pending"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
@@ -71,13 +83,29 @@ IN_PROGRESS_STATUSES = frozenset(
     {TargetStatus.DOWNLOADING, TargetStatus.VERIFYING, TargetStatus.INSTALLING, TargetStatus.HEALTH_CHECKING}
 )
 # A target in one of these keeps its device busy: a second deployment to it is refused (409).
-ACTIVE_TARGET_STATUSES = IN_PROGRESS_STATUSES | {TargetStatus.PENDING}
+ACTIVE_TARGET_STATUSES = IN_PROGRESS_STATUSES | {TargetStatus.PENDING, TargetStatus.QUEUED}
+# Targets whose device has not taken the deployment up: cancelling or aborting ends them.
+UNSTARTED_TARGET_STATUSES = frozenset({TargetStatus.QUEUED, TargetStatus.PENDING})
 # What a device reports as the end of a deploy command.
 DEVICE_TERMINAL_STATUSES = frozenset(
     {TargetStatus.SUCCEEDED, TargetStatus.FAILED, TargetStatus.ROLLED_BACK, TargetStatus.REFUSED}
 )
 TERMINAL_TARGET_STATUSES = DEVICE_TERMINAL_STATUSES | {TargetStatus.CANCELLED, TargetStatus.SUPERSEDED}
 ACTIVE_DEPLOYMENT_STATUSES = frozenset({DeploymentStatus.PENDING, DeploymentStatus.IN_PROGRESS})
+
+
+class RolloutState(StrEnum):
+    """Where a phased rollout stands (kernex.api.rollouts)."""
+
+    RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    CANCELLED = "cancelled"
+
+
+# A rollout in one of these may still start phases: its deployment is not finished.
+ACTIVE_ROLLOUT_STATES = frozenset({RolloutState.RUNNING, RolloutState.AWAITING_APPROVAL})
 
 
 def aggregate_status(counts: Mapping[str, int], *, cancelled: bool) -> DeploymentStatus:
@@ -127,6 +155,10 @@ async def recompute(conn: AsyncConnection, deployment_ids: Iterable[str], now: d
         )
         counts: dict[str, int] = {str(status): int(n) for status, n in rows}
         status = aggregate_status(counts, cancelled=row.cancelled_at is not None)
+        if status not in ACTIVE_DEPLOYMENT_STATUSES and await _rollout_active(conn, deployment_id):
+            # Between phases every target may have finished; the phases to come have not.
+            started = any(counts.get(s, 0) for s in IN_PROGRESS_STATUSES | DEVICE_TERMINAL_STATUSES)
+            status = DeploymentStatus.IN_PROGRESS if started else DeploymentStatus.PENDING
         finished = status not in ACTIVE_DEPLOYMENT_STATUSES
         finished_at = (row.finished_at or now) if finished else None
         if status.value != row.status or finished_at != row.finished_at:
@@ -135,6 +167,13 @@ async def recompute(conn: AsyncConnection, deployment_ids: Iterable[str], now: d
                 .where(_DEPLOYMENTS.c.id == deployment_id)
                 .values(status=status.value, finished_at=finished_at)
             )
+
+
+async def _rollout_active(conn: AsyncConnection, deployment_id: str) -> bool:
+    state = (
+        await conn.execute(sa.select(_ROLLOUTS.c.state).where(_ROLLOUTS.c.deployment_id == deployment_id))
+    ).scalar_one_or_none()
+    return state in ACTIVE_ROLLOUT_STATES
 
 
 @dataclass(frozen=True, slots=True)

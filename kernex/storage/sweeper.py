@@ -29,6 +29,7 @@ from kernex.storage.models import (
     Device,
     DeviceCommand,
     DeviceStatusChange,
+    Rollout,
 )
 
 OFFLINE_REASON = "missed heartbeats"
@@ -39,6 +40,7 @@ _BUNDLES: sa.Table = Bundle.__table__  # type: ignore[attr-defined]  # as above
 _COMMANDS: sa.Table = DeviceCommand.__table__  # type: ignore[attr-defined]  # as above
 _DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]  # as above
 _STATUS_CHANGES: sa.Table = DeviceStatusChange.__table__  # type: ignore[attr-defined]  # as above
+_ROLLOUTS: sa.Table = Rollout.__table__  # type: ignore[attr-defined]  # as above
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +56,11 @@ class _Overdue:
 
 async def fail_overdue_targets(engine: AsyncEngine, now: datetime) -> list[tuple[str, str]]:
     """Fail targets that did not finish within their deployment's timeout after the device took
-    them up (error "timeout"), and pending targets whose command expired unread ("expired")."""
+    them up (error "timeout"), and pending targets whose command expired unread ("expired").
+
+    A rollout's unread expired commands are not failures: the rollout queues those targets again
+    (its commands expire when its maintenance window closes; kernex.api.rollouts.engine).
+    """
     failed: list[tuple[str, str]] = []
     for overdue in await _overdue_targets(engine, now):
         async with engine.begin() as conn:
@@ -118,7 +124,11 @@ async def _overdue_targets(engine: AsyncEngine, now: datetime) -> list[_Overdue]
         unread = await conn.execute(
             sa.select(*columns)
             .select_from(joined.join(_COMMANDS, _COMMANDS.c.id == _TARGETS.c.command_id))
-            .where(_TARGETS.c.status == TargetStatus.PENDING.value, _COMMANDS.c.expires_at <= now)
+            .where(
+                _TARGETS.c.status == TargetStatus.PENDING.value,
+                _COMMANDS.c.expires_at <= now,
+                ~sa.exists().where(_ROLLOUTS.c.deployment_id == _TARGETS.c.deployment_id),
+            )
         )
         overdue += [_Overdue(*row, error=EXPIRED_ERROR) for row in unread]
     return overdue

@@ -81,9 +81,17 @@ async def lock_devices(session: AsyncSession, device_ids: Sequence[str]) -> None
 
 
 async def issue(
-    session: AsyncSession, signer: CommandSigner, requests: Sequence[CommandRequest], now: datetime
+    session: AsyncSession,
+    signer: CommandSigner,
+    requests: Sequence[CommandRequest],
+    now: datetime,
+    *,
+    expires_at: datetime | None = None,
 ) -> list[DeviceCommand]:
     """Record one signed command per request in the session's transaction (the caller commits).
+
+    The commands expire after the signer's ttl, or at `expires_at` if that is sooner (a rollout's
+    maintenance window closing: agents ignore expired commands).
 
     Each device's revision is bumped with an UPDATE in this transaction, so concurrent issuers
     queue on the device row and revisions never repeat. Older commands of the same kind still
@@ -106,7 +114,7 @@ async def issue(
                 kind=request.kind,
                 revision=revision,
                 issued_at=now,
-                expires_at=now + signer.ttl,
+                expires_at=min(now + signer.ttl, expires_at) if expires_at else now + signer.ttl,
                 deploy=request.deploy,
                 config=request.config,
             )

@@ -22,6 +22,7 @@ from kernex.api.deployments.schemas import (
     RollbackRequest,
 )
 from kernex.api.deps import SessionDep, SettingsDep
+from kernex.api.rollouts.engine import EngineDep
 from kernex.storage.deployments import DeploymentStatus
 
 PAGE_MAX = 500  # bounds one response's size and query cost
@@ -40,7 +41,7 @@ TargetsOffset = Annotated[int, Query(ge=0, le=10_000_000)]
     status_code=status.HTTP_201_CREATED,
     operation_id="createDeployment",
     responses={
-        404: {"description": "No such bundle or device, or no active device carries the tags"},
+        404: {"description": "No such bundle, device or group, or no active device is selected"},
         409: {"description": "A device has a deployment in progress (named); pass supersede: true"},
         410: {"description": "The bundle's archive is gone from the store or quarantined"},
     },
@@ -52,9 +53,13 @@ async def create_deployment(
     runtime: CommandsDep,
     bundles: RuntimeDep,
     settings: SettingsDep,
+    rollouts: EngineDep,
     principal: OperatorDep,
 ) -> DeploymentDetail:
-    """Deploy a bundle: one target and one signed, retained deploy command per device."""
+    """Deploy a bundle: one target and one signed, retained deploy command per device.
+
+    With a `rollout` strategy, devices start in phases: the first phase starts now.
+    """
     deployment = await service.create(
         session,
         runtime,
@@ -64,6 +69,8 @@ async def create_deployment(
         default_timeout_s=settings.deployment_timeout_s,
         request=request,
     )
+    if body.rollout is not None:
+        await rollouts.step(deployment.id)
     return await service.to_detail(session, deployment, limit=TARGETS_MAX, offset=0)
 
 

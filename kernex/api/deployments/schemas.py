@@ -7,6 +7,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from kernex.api.rollouts.schemas import RolloutOut, RolloutStrategy
 from kernex.storage.deployments import DeploymentStatus, TargetStatus
 
 MAX_TARGETS = 10_000  # one request's device list; larger rollouts select by tag
@@ -14,22 +15,27 @@ MAX_TIMEOUT_S = 7 * 24 * 3600
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+SELECTORS = ("device_ids", "tags", "group_id")
 
 
 def _one_selector_schema(schema: dict[str, Any]) -> None:
-    # The schema says what the validator enforces: exactly one of the two selectors, not null.
+    # The schema says what the validator enforces: exactly one of the selectors, not null.
     properties = schema["properties"]
-    for name in ("device_ids", "tags"):
+    for name in SELECTORS:
         prop = properties[name]
         variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
         if variants:
             prop.update(variants[0])
         prop.pop("default", None)
-    schema["oneOf"] = [{"required": ["device_ids"]}, {"required": ["tags"]}]
+    schema["oneOf"] = [{"required": [name]} for name in SELECTORS]
 
 
 class DeploymentCreate(BaseModel):
-    """Deploy a bundle to devices named by id, or to every active device carrying all the tags."""
+    """Deploy a bundle to devices named by id, to every active device carrying all the tags, or to a group.
+
+    With a rollout strategy the devices are started in phases (kernex.api.rollouts), the selector
+    evaluated again as each phase starts.
+    """
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_one_selector_schema)
 
@@ -38,6 +44,7 @@ class DeploymentCreate(BaseModel):
     tags: Annotated[list[Tag], Field(min_length=1, max_length=32)] | None = Field(
         default=None, description="Every active device carrying all of these tags"
     )
+    group_id: Id | None = Field(default=None, description="The devices of this group (static or dynamic)")
     supersede: bool = Field(
         default=False,
         description="Replace the deployments in progress on these devices instead of answering 409",
@@ -45,12 +52,21 @@ class DeploymentCreate(BaseModel):
     timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)] | None = Field(
         default=None, description="How long a device may take after it took the deployment up"
     )
+    rollout: RolloutStrategy | None = Field(
+        default=None, description="Start the devices in phases instead of all at once"
+    )
 
     @model_validator(mode="after")
     def _one_selector(self) -> Self:
-        if (self.device_ids is None) == (self.tags is None):
-            raise ValueError("give exactly one of device_ids and tags")
+        if sum(getattr(self, name) is not None for name in SELECTORS) != 1:
+            raise ValueError("give exactly one of device_ids, tags and group_id")
+        if self.rollout is not None and self.supersede:
+            raise ValueError("a rollout skips devices busy with another deployment: supersede does not apply")
         return self
+
+    def selector(self) -> dict[str, Any]:
+        """The selector given, as a rollout stores it."""
+        return {name: getattr(self, name) for name in SELECTORS if getattr(self, name) is not None}
 
 
 class RollbackRequest(BaseModel):
@@ -93,6 +109,7 @@ class DeploymentOut(BaseModel):
     cancelled_by: str | None
     total: int
     counts: dict[str, int]
+    rollout: RolloutOut | None = Field(default=None, description="The phased rollout, if it is one")
 
 
 class DeploymentDetail(DeploymentOut):

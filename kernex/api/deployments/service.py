@@ -35,12 +35,15 @@ from kernex.api.deployments.schemas import (
     TargetOut,
 )
 from kernex.api.errors import ConflictError, NotFoundError, ServiceUnavailableError
+from kernex.api.groups import service as groups
+from kernex.api.rollouts import service as rollouts
 from kernex.kit.logs import get_logger
 from kernex.protocol.commands import DeployBody
 from kernex.protocol.topics import CommandKind
 from kernex.storage.bundles.exceptions import BundleStoreError, StoredObjectMissingError
 from kernex.storage.deployments import (
     ACTIVE_TARGET_STATUSES,
+    UNSTARTED_TARGET_STATUSES,
     DeploymentStatus,
     TargetStatus,
     recompute,
@@ -81,11 +84,25 @@ async def create(
     default_timeout_s: int,
     request: Request | None = None,
 ) -> Deployment:
-    """Create a deployment, one target and one signed deploy command per device; then publish."""
+    """Create a deployment, one target and one signed deploy command per device; then publish.
+
+    With a rollout strategy only the deployment and its rollout are created here: the rollout
+    engine starts the phases (the caller runs its first step).
+    """
     async with audit.audited(session, actor=actor, action="deployment.create", target=None, request=request):
         bundle = await deployable_bundle(session, bundles, body.bundle_id)
         device_ids = await _select_devices(session, body)
-        deployment = await _create_locked(
+        if body.rollout is not None:
+            return await _create_rollout(
+                session,
+                bundle,
+                body,
+                devices=len(device_ids),
+                default_timeout_s=default_timeout_s,
+                actor=actor,
+                request=request,
+            )
+        deployment = await create_locked(
             session,
             runtime,
             bundle,
@@ -111,6 +128,46 @@ async def create(
             },
         )
     await publish_deployment(session, runtime, deployment.id)
+    return deployment
+
+
+async def _create_rollout(
+    session: AsyncSession,
+    bundle: Bundle,
+    body: DeploymentCreate,
+    *,
+    devices: int,
+    default_timeout_s: int,
+    actor: Principal,
+    request: Request | None,
+) -> Deployment:
+    assert body.rollout is not None
+    deployment = Deployment(
+        bundle_id=bundle.id,
+        status=DeploymentStatus.PENDING.value,
+        timeout_s=body.timeout_s or default_timeout_s,
+        created_at=datetime.now(UTC),
+        created_by=actor.actor,
+    )
+    session.add(deployment)
+    await session.flush()  # the deployment row exists before the rollout that refers to it
+    await rollouts.start(session, deployment.id, body.rollout, body.selector(), actor=actor.actor)
+    await audit.record(
+        session,
+        actor=actor,
+        action="deployment.create",
+        target=f"deployment:{deployment.id}",
+        outcome="success",
+        request=request,
+        details={
+            "bundle_id": bundle.id,
+            "version": bundle.version,
+            "selected": devices,
+            "selector": body.selector(),
+            "rollout": body.rollout.model_dump(mode="json"),
+        },
+    )
+    log.info("rollout created", deployment_id=deployment.id, bundle_id=bundle.id, selected=devices)
     return deployment
 
 
@@ -144,6 +201,11 @@ async def _select_devices(session: AsyncSession, body: DeploymentCreate) -> list
                 f"devices not active (revoked, rejected or pending): {_names(sorted(inactive))}"
             )
         return wanted
+    if body.group_id is not None:
+        members = await groups.resolve(session, {"group_id": body.group_id})
+        if not members:
+            raise NoTargetsError(f"group {body.group_id} holds no active device")
+        return members
     tags = set(body.tags or ())
     tagged = (
         await session.exec(select(Device.id, Device.tags).where(col(Device.state) == AdmissionState.ACTIVE))
@@ -155,7 +217,21 @@ async def _select_devices(session: AsyncSession, body: DeploymentCreate) -> list
     return selected
 
 
-async def _create_locked(
+def deploy_body(deployment_id: str, bundle: Bundle, *, rollback: bool) -> DeployBody:
+    """What a deploy command of this deployment carries."""
+    return DeployBody(
+        deployment_id=deployment_id,
+        bundle_id=bundle.id,
+        name=bundle.name,
+        version=bundle.version,
+        sha256=bundle.sha256,
+        size=bundle.size,
+        download_path=f"/api/v1/bundles/{bundle.id}/download",
+        rollback=rollback,
+    )
+
+
+async def create_locked(
     session: AsyncSession,
     runtime: CommandRuntime,
     bundle: Bundle,
@@ -164,8 +240,12 @@ async def _create_locked(
     rollback: bool,
     supersede: bool,
     timeout_s: int,
-    actor: Principal,
+    actor: Principal | str,
 ) -> Deployment:
+    """Create a deployment and its commands in the session's transaction (the caller commits).
+
+    `actor` is the caller, or a plain name such as "system:rollout".
+    """
     now = datetime.now(UTC)
     await commands.lock_devices(session, device_ids)
     busy = (
@@ -185,7 +265,7 @@ async def _create_locked(
         rollback=rollback,
         timeout_s=timeout_s,
         created_at=now,
-        created_by=actor.actor,
+        created_by=actor.actor if isinstance(actor, Principal) else actor,
     )
     if busy and not supersede:
         active = sorted({t.deployment_id for t in busy})
@@ -202,21 +282,9 @@ async def _create_locked(
         session.add(target)
     session.add(deployment)
     await session.flush()  # the deployment row exists before the commands that refer to it
-    body = {
-        "deployment_id": deployment.id,
-        "bundle_id": bundle.id,
-        "name": bundle.name,
-        "version": bundle.version,
-        "sha256": bundle.sha256,
-        "size": bundle.size,
-        "download_path": f"/api/v1/bundles/{bundle.id}/download",
-        "rollback": rollback,
-    }
+    body = deploy_body(deployment.id, bundle, rollback=rollback)
     issued = await commands.issue(
-        session,
-        runtime.signer,
-        [commands.CommandRequest(device_id=d, deploy=DeployBody.model_validate(body)) for d in device_ids],
-        now,
+        session, runtime.signer, [commands.CommandRequest(device_id=d, deploy=body) for d in device_ids], now
     )
     for command in issued:
         session.add(
@@ -328,6 +396,7 @@ async def to_out(session: AsyncSession, deployment: Deployment) -> DeploymentOut
         cancelled_by=deployment.cancelled_by,
         total=sum(counts.values()),
         counts=counts,
+        rollout=await rollouts.summary(session, deployment.id),
     )
 
 
@@ -387,6 +456,8 @@ async def cancel(
         session, actor=actor, action="deployment.cancel", target=target_name, request=request
     ):
         deployment = await get_deployment(session, deployment_id)
+        # The rollout row first: the rollout engine locks it before targets and deployments.
+        await rollouts.stop_for_cancel(session, deployment_id, actor=actor.actor)
         if deployment.cancelled_at is not None or deployment.status not in {
             DeploymentStatus.PENDING,
             DeploymentStatus.IN_PROGRESS,
@@ -402,7 +473,7 @@ async def cancel(
                 .with_for_update()
             )
         ).all()
-        unstarted = [t for t in targets if t.status == TargetStatus.PENDING]
+        unstarted = [t for t in targets if t.status in UNSTARTED_TARGET_STATUSES]
         for target in unstarted:
             target.status = TargetStatus.CANCELLED.value
             target.finished_at = now
@@ -496,7 +567,7 @@ async def rollback(
             raise ConflictError(f"device {device_id} is {device.state.value}")
         chosen = bundle_id or await _previous_successful(session, device)
         bundle = await deployable_bundle(session, bundles, chosen)
-        deployment = await _create_locked(
+        deployment = await create_locked(
             session,
             runtime,
             bundle,

@@ -1,0 +1,1 @@
+"""Phased rollouts of deployments: phases, approvals, rate limits, maintenance windows, abort and revert."""
