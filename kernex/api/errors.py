@@ -162,7 +162,11 @@ def error_response(request: Request, status: int, code: str, message: str, **ext
 async def _kernex_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, KernexError)
     status, code = _status_and_code(exc)
-    if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        # A dependency is down: every request says so until it is back, and the component that
+        # lost it (readiness, the pool) is what to alert on, not one error line per request.
+        log.warning("request failed: dependency unavailable", error=str(exc), code=code)
+    elif status >= HTTPStatus.INTERNAL_SERVER_ERROR:
         log.error("request failed", error=str(exc), code=code)
     response = error_response(request, status, code, str(exc))
     if isinstance(exc, ApiError):
