@@ -90,6 +90,8 @@ class Device(SQLModel, table=True):
     config_error: str | None = Field(default=None, sa_type=sa.Text)
     # When the device was revoked (its certificate is in the fleet CRL from then on).
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # When ingest told integrators (fleet status "revoked"); None while that is still to do.
+    revocation_announced_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class Heartbeat(SQLModel, table=True):
