@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
@@ -106,7 +106,7 @@ class GroupOut(BaseModel):
     name: str
     kind: GroupKind
     description: str | None
-    filter: GroupFilter | None
+    filter: dict[str, Any] | None = Field(description="A dynamic group's filter: the criteria it was given")
     size: int = Field(description="Active devices in the group now (a dynamic group evaluated now)")
     created_at: datetime
     created_by: str | None

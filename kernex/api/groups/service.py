@@ -118,7 +118,7 @@ async def to_out(session: AsyncSession, group: DeviceGroup) -> GroupOut:
         name=group.name,
         kind=GroupKind(group.kind),
         description=group.description,
-        filter=GroupFilter.model_validate(group.filter) if group.filter is not None else None,
+        filter=group.filter,
         size=len(await group_devices(session, group)),
         created_at=group.created_at,
         created_by=group.created_by,
