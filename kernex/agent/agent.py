@@ -263,6 +263,7 @@ class Agent:
             self.settings.api_url,
             name=self.settings.name,
             enrollment_token=token.get_secret_value() if token is not None else None,
+            device_type=self.settings.device_type,
             backoff=self._registration_backoff,
         )
         return await registrar.register(identity)

@@ -62,18 +62,23 @@ class Registrar:
         *,
         name: str | None = None,
         enrollment_token: str | None = None,
+        device_type: str | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self._http = http
         self._url = api_url.rstrip("/") + REGISTER_PATH
         self._name = name
         self._enrollment_token = enrollment_token
+        self._device_type = device_type
         self._backoff = backoff or Backoff(initial_s=RETRY_INITIAL_S, max_s=RETRY_MAX_S)
         self.attempts = 0
 
     async def register(self, identity: Identity) -> RegistrationResponse:
         """Return the active registration; raises RegistrationError when refused for good."""
         hardware = await asyncio.to_thread(hardware_info)
+        if self._device_type is not None:
+            # Inventory operators group devices by (dynamic groups filter on device_type).
+            hardware["device_type"] = self._device_type
         request = RegistrationRequest(
             csr=build_csr(identity.key, common_name=identity.device_id),
             name=self._name,
