@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kernex.ingest.keys import KeyCache
 from kernex.ingest.verifier import RawMessage, Verified, Verifier, VerifyLimits
 from kernex.ingest.writer import BatchWriter
-from kernex.protocol.keys import PrivateKey
+from kernex.protocol.keys import KeyType, PrivateKey, generate_private_key, public_key_to_pem
 from kernex.protocol.messages import format_ts
 from kernex.protocol.topics import Topics
 from kernex.storage.database import create_engine, session_factory
@@ -218,23 +218,32 @@ async def test_rows_of_a_device_deleted_meanwhile_are_skipped_not_failed(engine:
     assert await scalar(engine, "SELECT count(*) FROM heartbeats") == 1
 
 
-async def test_key_cache_sees_revocation_after_its_ttl_and_caches_unknown_ids(engine: AsyncEngine) -> None:
+async def test_key_cache_sees_revocation_at_once_keeps_keys_a_ttl_and_caches_unknown_ids(
+    engine: AsyncEngine,
+) -> None:
     _key, device_id = await setup_device(engine)
     clock = [0.0]
     cache = KeyCache(engine, ttl_s=30, negative_ttl_s=5, clock=lambda: clock[0])
     first = await cache.get(device_id)
     assert first is not None
     assert first.state is AdmissionState.ACTIVE
+    other = generate_private_key(KeyType.ECDSA_P256)
     async with engine.begin() as conn:
-        await conn.execute(sa.text("UPDATE devices SET state = 'revoked' WHERE id = :id"), {"id": device_id})
-    clock[0] = 29.0
-    cached = await cache.get(device_id)
-    assert cached is not None
-    assert cached.state is AdmissionState.ACTIVE, "within the TTL the cached state stands"
+        await conn.execute(
+            sa.text("UPDATE devices SET state = 'revoked', public_key_pem = :pem WHERE id = :id"),
+            {"id": device_id, "pem": public_key_to_pem(other.public_key())},
+        )
+    clock[0] = 1.0
+    revoked = await cache.get(device_id)
+    assert revoked is not None
+    assert revoked.state is AdmissionState.REVOKED, "the state is read on every lookup"
+    assert revoked.public_key is first.public_key, "the parsed key is cached for the TTL"
     clock[0] = 31.0
     refreshed = await cache.get(device_id)
     assert refreshed is not None
     assert refreshed.state is AdmissionState.REVOKED
+    assert refreshed.public_key is not None
+    assert public_key_to_pem(refreshed.public_key) == public_key_to_pem(other.public_key())
 
     assert await cache.get("not-registered-yet") is None
     async with engine.begin() as conn:

@@ -9,7 +9,8 @@ slow broker or a slow integrator never holds up a batch. The queue is capped
 (FLEET_MAX_QUEUED); beyond it fleet messages are dropped and counted, never ingest slowed.
 
 What: the writer's normalized batch (kernex.storage.fleet): heartbeats and events of devices
-that still existed at commit, and the status changes it recorded. Duplicates of rows stored
+that still existed at commit, and the status changes it recorded. Revocations are announced
+apart, by kernex.ingest.revocations, through `queue`. Duplicates of rows stored
 by an earlier batch are republished (a redelivered message may be the copy whose first
 republication was lost), with their own received_at; a copy repeated within one batch is
 republished once.
@@ -42,6 +43,13 @@ def fleet_messages(topics: Topics, result: WriteResult) -> Iterator[tuple[str, F
         yield fleet_topic(topics, message.device_id, channel_of(message)), message
 
 
+def queue(client: Client, topic: str, payload: bytes, qos: int = FLEET_QOS) -> bool:
+    """Queue one fleet message on paho; False when its queue is full (the message is dropped)."""
+    info = client.publish(topic, payload, qos=qos)
+    # NO_CONN: paho keeps a QoS 1 message and sends it once reconnected.
+    return info.rc in {MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN}
+
+
 class FleetRepublisher:
     """Queues a committed batch's fleet messages on ingest's MQTT client."""
 
@@ -53,9 +61,7 @@ class FleetRepublisher:
         """Queue every fleet message of the batch; never blocks, never raises for the broker."""
         published = dropped = 0
         for topic, message in fleet_messages(self._topics, result):
-            info = client.publish(topic, encode(message), qos=FLEET_QOS)
-            # NO_CONN: paho keeps a QoS 1 message and sends it once reconnected.
-            if info.rc in {MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN}:
+            if queue(client, topic, encode(message)):
                 published += 1
             else:
                 dropped += 1

@@ -1,10 +1,13 @@
-"""A cache of device public keys and admission states, loaded from the devices table.
+"""A cache of device public keys, and the admission states read fresh, from the devices table.
 
 Verifying a message needs its device's key and state; a database round trip per message would
-cap ingest at the database's query rate. Entries live `ttl_s`, so a revocation takes effect
-within seconds. Unknown ids are cached too, for a shorter time: a flood of messages naming a
-device that does not exist costs one query per id per `negative_ttl_s`, not one per message.
-Lookups are async (the event loop's database driver), never on paho's network thread.
+cap ingest at the database's query rate. Keys (parsed PEM) live `ttl_s`. Admission states are
+read again on every lookup, which ingest makes once per batch: one indexed query for the
+batch's devices (ids and states only), so a message received after a revocation committed is
+refused, whichever database and however many workers (docs/revocation.md). Unknown ids are
+cached for a shorter time: a flood of messages naming a device that does not exist costs one
+query per id per `negative_ttl_s`, not one per message. Lookups are async (the event loop's
+database driver), never on paho's network thread.
 """
 
 from __future__ import annotations
@@ -80,6 +83,22 @@ class KeyCache:
                 found[device_id] = entry.key
             else:
                 missing.append(device_id)
+        known = [device_id for device_id, key in found.items() if key is not None]
+        if known:
+            states = await self._states(known)
+            for device_id in known:
+                cached = found[device_id]
+                assert cached is not None
+                state = states.get(device_id)
+                if state is None:
+                    # Deleted since it was cached: unknown from now on.
+                    self._entries.pop(device_id, None)
+                    found[device_id] = None
+                elif state is not cached.state:
+                    fresh = DeviceKey(device_id, state, cached.public_key)
+                    self._entries[device_id].key = fresh
+                    found[device_id] = fresh
+                    log.info("device state changed", device_id=device_id, state=state.value)
         if missing:
             loaded = await self._load(missing)
             now = self._clock()
@@ -101,6 +120,17 @@ class KeyCache:
         stale = [k for k, e in self._entries.items() if e.expires_at <= now]
         for device_id in stale:
             del self._entries[device_id]
+
+    async def _states(self, device_ids: list[str]) -> dict[str, AdmissionState]:
+        table = Device.__table__  # type: ignore[attr-defined]  # SQLModel sets it at class creation
+        result: dict[str, AdmissionState] = {}
+        async with self._engine.connect() as conn:
+            for start in range(0, len(device_ids), LOOKUP_CHUNK):
+                chunk = device_ids[start : start + LOOKUP_CHUNK]
+                rows = await conn.execute(sa.select(table.c.id, table.c.state).where(table.c.id.in_(chunk)))
+                for device_id, state in rows:
+                    result[device_id] = _state(device_id, state)
+        return result
 
     async def _load(self, device_ids: list[str]) -> dict[str, DeviceKey]:
         table = Device.__table__  # type: ignore[attr-defined]  # SQLModel sets it at class creation

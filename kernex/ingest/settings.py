@@ -39,9 +39,12 @@ class IngestSettings(StorageSettings, BrokerSettings):
     # Devices buffer heartbeats and events while offline and publish them on reconnect: those
     # are still accepted if no older than this (one day of outage by default).
     max_age_s: int = Field(default=86_400, ge=1)
-    # How stale a device's cached key and admission state may be: revocation takes effect
-    # within this many seconds without a database query per message.
+    # How long a device's parsed public key is cached; admission states are read on every batch
+    # (one query), so a revocation takes effect at once whatever this is.
     key_cache_ttl_s: float = Field(default=30.0, ge=0)
+    # How often each worker looks for revocations to announce on the fleet topics (status
+    # "revoked"): one indexed query that finds nothing almost always.
+    revocation_poll_interval_s: float = Field(default=1.0, gt=0, le=3600)
     # Prometheus /metrics; 0 disables the HTTP server.
     metrics_port: int = Field(default=9101, ge=0, le=65_535)
     metrics_host: str = "127.0.0.1"

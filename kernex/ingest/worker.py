@@ -23,6 +23,7 @@ Flow (DESIGN.md "Delivery guarantees"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 import time
@@ -45,9 +46,11 @@ from kernex.broker.exceptions import PKIError
 from kernex.broker.pki import INGEST_IDENTITY, FleetPKI
 from kernex.ingest.exceptions import BrokerConnectionError, IngestConfigError, IngestError, WriteError
 from kernex.ingest.fleet import FLEET_MAX_QUEUED, FleetRepublisher
+from kernex.ingest.fleet import queue as queue_fleet
 from kernex.ingest.inbox import Inbox, Incoming
 from kernex.ingest.keys import KeyCache
 from kernex.ingest.metrics import IngestMetrics, Outcome
+from kernex.ingest.revocations import RevocationAnnouncer
 from kernex.ingest.settings import IngestSettings
 from kernex.ingest.verifier import (
     RawMessage,
@@ -152,6 +155,9 @@ class IngestWorker:
         )
         self.writer = BatchWriter(self.engine)
         self.fleet = FleetRepublisher(self.topics, self.metrics)
+        self.revocations = RevocationAnnouncer(
+            self.engine, self.topics, self.keys, self.metrics, settings.revocation_poll_interval_s
+        )
         # Room for the batch being committed, the one verified ahead, and the one filling.
         self.capacity = min(RECEIVE_MAXIMUM_LIMIT, 3 * settings.batch_max)
         self._inbox = Inbox(self.capacity, self.metrics)
@@ -407,9 +413,20 @@ class IngestWorker:
         # One batch is verified while the previous one commits; the queue of one keeps
         # verification from running further ahead than that.
         verified: asyncio.Queue[tuple[list[Incoming], list[Verdict]] | None] = asyncio.Queue(maxsize=1)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._collect(verified), name="ingest-collect")
-            group.create_task(self._commit(verified), name="ingest-commit")
+        # Beside the pipeline, not in its group: it runs until the pipeline has drained.
+        announcing = asyncio.create_task(self.revocations.run(self._queue_fleet), name="ingest-revocations")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._collect(verified), name="ingest-collect")
+                group.create_task(self._commit(verified), name="ingest-commit")
+        finally:
+            announcing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await announcing
+
+    def _queue_fleet(self, topic: str, payload: bytes, qos: int) -> bool:
+        client = self._client
+        return client is not None and queue_fleet(client, topic, payload, qos)
 
     async def _collect(self, out: asyncio.Queue[tuple[list[Incoming], list[Verdict]] | None]) -> None:
         delay_s = self.settings.batch_max_delay_ms / 1000

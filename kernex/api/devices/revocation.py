@@ -1,8 +1,9 @@
 """Revoking a device (DESIGN.md "Revocation"): database first, then the CRL, the broker, the session.
 
 The order matters. The device is marked revoked and its retained commands withdrawn in one
-transaction, so the API (device endpoints, downloads, registration) and ingest (key cache:
-within KERNEX_KEY_CACHE_TTL_S) refuse it from then on whatever happens next. Then its
+transaction, so the API (device endpoints, downloads, registration) and ingest (which reads
+admission states on every batch, and announces the revocation on the fleet topics) refuse it
+from then on whatever happens next. Then its
 certificate goes into the fleet CRL, the Mosquitto Kernex runs re-reads it (SIGHUP), and the
 device's live session is cut (kernex.broker.session), so its reconnect meets the new CRL.
 Brokers Kernex does not run must be reloaded by their operator (docs/revocation.md); the cut
