@@ -1,7 +1,9 @@
 """The embedded bundle store: a directory in the data dir, optionally AES-256-GCM encrypted.
 
 Objects are written to `tmp/` and renamed into `objects/` on commit, so a reader never sees a
-partial file and an aborted or crashed upload leaves at most a temp file, which start() sweeps.
+partial file and an aborted or crashed upload leaves at most a temp file, which start() sweeps:
+at once when the process that wrote it (named in the file name: host and pid) is gone, by age
+when it belongs to another host sharing the directory.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -21,6 +24,31 @@ from kernex.storage.bundles.store import CHUNK_BYTES, BundleStore, StoredObject,
 
 PRIVATE_DIR_MODE = 0o700  # bundles may carry secrets of their own: no other user may list them
 STALE_TEMP_AGE_S = 24 * 3600  # older temp files belong to a crashed process, never a live upload
+TEMP_SUFFIX = ".part"
+
+
+def _temp_prefix() -> str:
+    """`<host>.<pid>.`: whose upload a temp file is, so a restart can tell a crashed one."""
+    return f"{socket.gethostname().replace('.', '_')}.{os.getpid()}."
+
+
+def _abandoned(name: str) -> bool:
+    """True for a temp file of this host whose writer is no longer running (or is this process,
+    which at start has no upload of its own yet: the pid was reused after a crash)."""
+    host, _, rest = name.partition(".")
+    pid_text = rest.partition(".")[0]
+    if host != socket.gethostname().replace(".", "_") or not pid_text.isdigit():
+        return False  # another host's, or the old naming: left to the age rule
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another user
+    return False
 
 
 class _Reader(Protocol):
@@ -52,7 +80,7 @@ class FilesystemStore(BundleStore):
                 directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             cutoff = time.time() - STALE_TEMP_AGE_S
             for leftover in self.tmp.iterdir():
-                if leftover.stat().st_mtime < cutoff:
+                if _abandoned(leftover.name) or leftover.stat().st_mtime < cutoff:
                     leftover.unlink(missing_ok=True)
         except OSError as exc:
             raise BundleStoreError(f"bundle directory {self.root} unusable: {exc}") from None
@@ -65,7 +93,9 @@ class FilesystemStore(BundleStore):
         target = self.path_of(key)
         encryptor = encryption.SegmentEncryptor(self._key, key) if self._key is not None else None
         try:
-            fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=self.tmp, suffix=".part")
+            fd, name = await asyncio.to_thread(
+                tempfile.mkstemp, dir=self.tmp, prefix=_temp_prefix(), suffix=TEMP_SUFFIX
+            )
         except OSError as exc:
             raise BundleStoreError(f"cannot create a temp file in {self.tmp}: {exc}") from None
         upload = _FileUpload(os.fdopen(fd, "wb"), Path(name), target, encryptor)
