@@ -28,6 +28,7 @@ from kernex.api.fallback import routes as fallback
 from kernex.api.fleet_metrics import FleetGauges
 from kernex.api.groups import routes as groups
 from kernex.api.health import routes as health
+from kernex.api.integrations import routes as integrations
 from kernex.api.middleware import install_middleware
 from kernex.api.ratelimit import RateLimits
 from kernex.api.rollouts import routes as rollouts
@@ -126,6 +127,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         configs.router,
         fallback.router,
         webhooks.router,
+        integrations.router,
     ):
         # Every API route documents the error shape of each status it may answer with.
         app.include_router(router, responses=ERROR_RESPONSES)

@@ -8,9 +8,12 @@ nothing else: publishing anywhere, and reading device topics, are refused by the
 The list lives in `integrators.json` in the PKI directory, beside the CA that issued the
 certificates; rendering the broker config writes the active ones into the ACL. Revoking removes
 an integrator from the ACL and reloads Mosquitto (SIGHUP), which re-reads the ACL without
-dropping connections: from then on the broker delivers it nothing and refuses its subscriptions'
-messages. Its certificate still completes the TLS handshake until it expires (the fleet has no
-CRL yet), but the connection is good for nothing.
+dropping connections: from then on the broker delivers it nothing. Its certificate goes into
+the fleet CRL, which the same reload makes Mosquitto re-read, so it cannot even complete a TLS
+handshake any more; issuing a name again revokes the certificate it had before.
+
+The CLI (`kernex integrations`) and the API (`/api/v1/integrations`) share this module: the
+registry changes under a file lock, and `apply` brings a rendered broker up to date.
 """
 
 from __future__ import annotations
@@ -24,20 +27,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
-from kernex.broker._files import atomic_write
+from kernex.broker._files import atomic_write, ensure_private_dir
 from kernex.broker.acl import render_acl
 from kernex.broker.exceptions import BrokerConfigError, BrokerError
-from kernex.broker.pki import FleetPKI
+from kernex.broker.pki import FleetPKI, exclusive_lock
 from kernex.protocol.topics import Topics
 
 INTEGRATOR_PREFIX = "integrator-"
 REGISTRY_NAME = "integrators.json"
 PID_NAME = "mosquitto.pid"  # written by MosquittoProcess beside the config it runs
 CONF_NAME = "mosquitto.conf"  # kernex.broker.config.CONF_NAME (which imports this module)
+ACL_NAME = "acl"  # kernex.broker.config.ACL_NAME, for the same reason
 # Lowercase letters, digits and dashes: safe as a CN, an MQTT username and a file name.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+
+class IntegratorNotFoundError(BrokerConfigError):
+    """No integrator has that name."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,15 @@ class Integrator:
     def active(self) -> bool:
         """Whether the ACL lets it read the fleet topics."""
         return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class IssuedIntegrator:
+    """A new integrator credential: the key exists only here (and wherever the caller puts it)."""
+
+    integrator: Integrator
+    certificate_pem: str
+    private_key_pem: bytes
 
 
 def identity_for(name: str) -> str:
@@ -90,39 +105,91 @@ class IntegratorRegistry:
         """The CNs the ACL grants fleet read access to."""
         return [i.identity for i in self.all() if i.active]
 
-    def create(self, name: str, directory: Path) -> tuple[Integrator, Path, Path]:
-        """Issue a certificate into directory; returns the integrator, cert path and key path.
+    def get(self, name: str) -> Integrator:
+        """One integrator; IntegratorNotFoundError if there is none of that name."""
+        found = next((i for i in self.all() if i.name == name), None)
+        if found is None:
+            raise IntegratorNotFoundError(f"no integrator named {name!r}")
+        return found
 
-        Creating a name again (revoked or not) issues a new certificate and reactivates it.
+    def issue(self, name: str) -> IssuedIntegrator:
+        """Issue a certificate and key in memory (nothing written but the registry and the CRL).
+
+        Issuing a name again (revoked or not) reactivates it with a new certificate; the one it
+        had before goes into the CRL, so only the newest credential works.
         """
         identity = identity_for(name)
-        cert_path, key_path = self._pki.issue_client_certificate(identity, directory)
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        integrator = Integrator(
-            name=name,
-            identity=identity,
-            serial=f"{cert.serial_number:x}",
-            created_at=datetime.now(UTC).isoformat(),
-        )
-        self._save([*(i for i in self.all() if i.name != name), integrator])
-        return integrator, cert_path, key_path
+        with exclusive_lock(self._lock_path):
+            issued, key_pem = self._pki.issue_client_credentials(identity)
+            now = datetime.now(UTC)
+            integrator = Integrator(
+                name=name, identity=identity, serial=issued.serial, created_at=now.isoformat()
+            )
+            previous = {i.name: i for i in self.all()}.get(name)
+            if previous is not None and previous.serial not in self._pki.revoked_serials():
+                self._pki.write_crl([(previous.serial, now)])
+            self._save([*(i for i in self.all() if i.name != name), integrator])
+        return IssuedIntegrator(integrator, issued.pem, key_pem)
+
+    def create(self, name: str, directory: Path) -> tuple[Integrator, Path, Path]:
+        """Issue a certificate into directory; returns the integrator, cert path and key path."""
+        issued = self.issue(name)
+        cert_path = directory / f"{issued.integrator.identity}.crt"
+        key_path = directory / f"{issued.integrator.identity}.key"
+        ensure_private_dir(directory)
+        atomic_write(key_path, issued.private_key_pem)
+        atomic_write(cert_path, issued.certificate_pem.encode("ascii"))
+        return issued.integrator, cert_path, key_path
 
     def revoke(self, name: str) -> Integrator:
-        """Mark an integrator revoked; BrokerConfigError if there is no such integrator."""
-        found = {i.name: i for i in self.all()}
-        current = found.get(name)
-        if current is None:
-            raise BrokerConfigError(f"no integrator named {name!r}")
-        if not current.active:
-            return current
-        revoked = Integrator(**{**asdict(current), "revoked_at": datetime.now(UTC).isoformat()})
-        found[name] = revoked
-        self._save(list(found.values()))
+        """Take an integrator out of the ACL and put its certificate in the CRL.
+
+        IntegratorNotFoundError if there is no such integrator; revoking twice is harmless.
+        """
+        with exclusive_lock(self._lock_path):
+            found = {i.name: i for i in self.all()}
+            current = found.get(name)
+            if current is None:
+                raise IntegratorNotFoundError(f"no integrator named {name!r}")
+            if not current.active:
+                return current
+            now = datetime.now(UTC)
+            # CRL first: a crash in between leaves a revoked certificate listed as active,
+            # which the next revoke finishes, never an inactive one that still handshakes.
+            self._pki.write_crl([(current.serial, now)])
+            revoked = Integrator(**{**asdict(current), "revoked_at": now.isoformat()})
+            found[name] = revoked
+            self._save(list(found.values()))
         return revoked
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
 
     def _save(self, integrators: list[Integrator]) -> None:
         data: dict[str, Any] = {"integrators": [asdict(i) for i in sorted(integrators, key=lambda i: i.name)]}
         atomic_write(self.path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What `apply` did to a rendered broker."""
+
+    acl_path: Path | None  # None: no rendered broker there (the ACL is written at its rendering)
+    reloaded_pid: int | None  # None: no Mosquitto of that directory runs (it reads both at start)
+
+
+def apply(broker_dir: Path, topics: Topics, registry: IntegratorRegistry) -> Applied:
+    """Rewrite the rendered ACL (if the broker was rendered there) and reload a running broker.
+
+    The reload makes Mosquitto re-read the ACL and the CRL: a revoked integrator is cut off at
+    both layers.
+    """
+    acl_path = broker_dir / ACL_NAME
+    if not acl_path.exists():
+        return Applied(acl_path=None, reloaded_pid=None)
+    write_acl(acl_path, topics, registry)
+    return Applied(acl_path=acl_path, reloaded_pid=reload_broker(broker_dir))
 
 
 def write_acl(acl_path: Path, topics: Topics, registry: IntegratorRegistry) -> None:

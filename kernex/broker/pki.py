@@ -318,6 +318,27 @@ class FleetPKI:
             return set()
         return {f"{r.serial_number:x}" for r in x509.load_pem_x509_crl(_read(self.crl_path))}
 
+    def issue_client_credentials(
+        self, common_name: str, validity: timedelta = SERVICE_CERT_VALIDITY
+    ) -> tuple[IssuedCertificate, bytes]:
+        """A new P-256 key and a client certificate for it, in memory: (certificate, key PEM).
+
+        For credentials handed over once (an integrator created through the API); nothing is
+        written, so the key exists only in the answer.
+        """
+        check_identity(common_name, "common name")
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._issue(common_name, key.public_key(), validity, ExtendedKeyUsageOID.CLIENT_AUTH)
+        issued = IssuedCertificate(
+            pem=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            serial=f"{cert.serial_number:x}",
+            not_after=cert.not_valid_after_utc,
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return issued, key_pem
+
     def issue_client_certificate(
         self,
         common_name: str,

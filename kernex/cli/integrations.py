@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kernex.broker.config import ACL_NAME
 from kernex.broker.exceptions import BrokerConfigError
-from kernex.broker.integrators import IntegratorRegistry, reload_broker, write_acl
+from kernex.broker.integrators import IntegratorRegistry, apply
 from kernex.broker.pki import FleetPKI
 from kernex.broker.settings import BrokerSettings
 from kernex.cli.broker import _errors_as_exit
@@ -37,20 +36,20 @@ def _registry(settings: BrokerSettings) -> IntegratorRegistry:
 def _apply(settings: BrokerSettings, registry: IntegratorRegistry, broker_dir: Path | None) -> None:
     """Rewrite the rendered ACL (if the broker was rendered) and reload a running broker."""
     target = broker_dir or settings.data_dir / "broker"
-    acl_path = target / ACL_NAME
-    if not acl_path.exists():
+    applied = apply(target, Topics(settings.topic_prefix), registry)
+    if applied.acl_path is None:
         typer.echo(
             f"no rendered broker in {target}: the ACL is written when the broker is rendered", err=True
         )
-        return
-    write_acl(acl_path, Topics(settings.topic_prefix), registry)
-    pid = reload_broker(target)
-    if pid is None:
+    elif applied.reloaded_pid is None:
         typer.echo(
-            f"ACL updated in {acl_path}; no running broker found: it applies at the next start", err=True
+            f"ACL updated in {applied.acl_path}; no running broker found: it applies at the next start",
+            err=True,
         )
     else:
-        typer.echo(f"ACL updated in {acl_path}; broker (pid {pid}) reloaded", err=True)
+        typer.echo(
+            f"ACL updated in {applied.acl_path}; broker (pid {applied.reloaded_pid}) reloaded", err=True
+        )
 
 
 @app.command("create")
@@ -84,7 +83,7 @@ def list_integrators() -> None:
 
 @app.command("revoke")
 def revoke(name: str, broker_dir: BrokerDirOption = None) -> None:
-    """Take an integrator out of the ACL and reload the broker."""
+    """Take an integrator out of the ACL, put its certificate in the CRL, reload the broker."""
     with _errors_as_exit():
         settings = BrokerSettings()
         registry = _registry(settings)

@@ -21,7 +21,10 @@ def upgrade() -> None:
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.add_column(sa.Column("revocation_announced_at", UTCDateTime(), nullable=True))
     # Devices revoked before this version are old news: integrators are not told again.
-    op.execute("UPDATE devices SET revocation_announced_at = COALESCE(revoked_at, updated_at) WHERE state = 'revoked'")
+    op.execute(
+        "UPDATE devices SET revocation_announced_at = COALESCE(revoked_at, updated_at)"
+        " WHERE state = 'revoked'"
+    )
 
 
 def downgrade() -> None:

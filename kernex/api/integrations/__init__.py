@@ -1,0 +1,1 @@
+"""Integrators: read-only MQTT credentials for the verified fleet topics, managed by admins."""
