@@ -34,6 +34,10 @@ SEMANTIC_BODIES = {
     ("POST", "/api/v1/bundles"),
     ("POST", "/api/v1/preauthorizations"),
     ("POST", "/api/v1/devices/{device_id}/certificate"),
+    # A rollout strategy's cumulative phase percentages must grow and a maintenance window must not
+    # be empty: cross-field rules JSON Schema cannot state (422 with the reason is right).
+    ("POST", "/api/v1/deployments"),
+    ("POST", "/api/v1/deployments/preview"),
 }
 # The devices' HTTP fallback takes a compact JWS as application/jose; any text exercises the route
 # (the admin's token is refused there with 401, as declared).

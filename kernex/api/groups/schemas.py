@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from kernex.api.admission.schemas import Tag, Tags
 from kernex.api.apitokens.schemas import NAME_PATTERN
@@ -23,6 +23,34 @@ ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64, patter
 Values = Annotated[list[ShortText], Field(min_length=1, max_length=MAX_CRITERION_VALUES)]
 
 
+def _non_null(schema: dict[str, Any], names: tuple[str, ...]) -> None:
+    # Optional fields may be left out, not sent as null: the schema says so.
+    for name in names:
+        prop = schema["properties"][name]
+        variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
+        if variants:
+            prop.update(variants[0])
+        prop.pop("default", None)
+
+
+def _filter_schema(schema: dict[str, Any]) -> None:
+    _non_null(schema, tuple(schema["properties"]))
+    schema["minProperties"] = 1
+
+
+def _create_schema(schema: dict[str, Any]) -> None:
+    # What the validator enforces: a dynamic group has a filter and no device_ids, a static one no filter.
+    _non_null(schema, ("filter", "device_ids"))
+    schema["oneOf"] = [
+        {
+            "properties": {"kind": {"const": "dynamic"}},
+            "required": ["filter"],
+            "not": {"required": ["device_ids"]},
+        },
+        {"properties": {"kind": {"const": "static"}}, "not": {"required": ["filter"]}},
+    ]
+
+
 class GroupKind(StrEnum):
     """How a group's members are decided."""
 
@@ -35,6 +63,8 @@ class GroupFilter(StrictBody):
 
     Only active (admitted, not revoked) devices are ever members.
     """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_filter_schema)
 
     tags_all: Annotated[list[Tag], Field(min_length=1, max_length=32)] | None = Field(
         default=None, description="The device carries every one of these tags"
@@ -61,6 +91,8 @@ class GroupFilter(StrictBody):
 
 class GroupCreate(StrictBody):
     """A static group (optionally with its first members) or a dynamic group (with its filter)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_create_schema)
 
     name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     kind: GroupKind

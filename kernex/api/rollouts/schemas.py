@@ -6,7 +6,7 @@ import itertools
 from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kernex.api.auth.schemas import StrictBody
 from kernex.storage.deployments import RolloutState
@@ -16,9 +16,21 @@ MAX_SOAK_S = 7 * 24 * 3600
 DAY = timedelta(days=1)
 
 
+def _one_size_schema(schema: dict[str, Any]) -> None:
+    # The schema says what the validator enforces: exactly one of percent and devices, not null.
+    for name in ("percent", "devices"):
+        prop = schema["properties"][name]
+        variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
+        if variants:
+            prop.update(variants[0])
+        prop.pop("default", None)
+    schema["oneOf"] = [{"required": ["percent"]}, {"required": ["devices"]}]
+
+
 class Phase(StrictBody):
     """One phase: a cumulative percentage of the selected devices, or a fixed batch of more devices."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_size_schema)
     name: str | None = Field(default=None, max_length=64)
     percent: Annotated[float, Field(gt=0, le=100)] | None = Field(
         default=None, description="Devices covered once this phase started, as a share of those selected then"
@@ -45,6 +57,7 @@ class MaintenanceWindow(StrictBody):
     """A daily window (UTC) in which commands are issued; they expire when it closes.
 
     `end` before `start` wraps past midnight; `weekdays` (0 = Monday) are the days it opens on.
+    A time given with an offset is converted to UTC.
     """
 
     start: time
@@ -55,8 +68,7 @@ class MaintenanceWindow(StrictBody):
 
     @model_validator(mode="after")
     def _not_empty(self) -> Self:
-        if self.start.tzinfo is not None or self.end.tzinfo is not None:
-            raise ValueError("window times are UTC: give them without an offset")
+        self.start, self.end = _utc(self.start), _utc(self.end)
         if self.start == self.end:
             raise ValueError("a maintenance window needs start and end to differ")
         return self
@@ -74,6 +86,14 @@ class MaintenanceWindow(StrictBody):
             if weekday_ok and opens <= now < closes:
                 return closes
         return None
+
+
+def _utc(moment: time) -> time:
+    if moment.tzinfo is None:
+        return moment
+    # Any day will do: the offset of a fixed-offset time does not depend on the date.
+    anchored = datetime.combine(datetime(2000, 1, 3, tzinfo=UTC).date(), moment)
+    return anchored.astimezone(UTC).time().replace(tzinfo=None)
 
 
 class AbortCriteria(StrictBody):
