@@ -1,6 +1,6 @@
 """Certificate renewal: before its certificate expires, the agent asks for a new one.
 
-Device certificates are short-lived (KERNEX_DEVICE_CERT_VALIDITY_DAYS on the server). Once less
+Device certificates are short-lived (KERNEX_DEVICE_CERT_VALIDITY_DAYS, or _S, on the server). Once less
 than `renew_before_fraction` of the certificate's lifetime remains, the agent sends a new CSR
 signed by the same key to `POST /api/v1/devices/{id}/certificate`, authenticated by a device
 JWT, and stores the answer. The live MQTT session is not dropped for it: the broker checked the
@@ -114,7 +114,7 @@ class Renewer:
                 await asyncio.sleep(min(due_in, CHECK_MAX_S))
                 continue
             try:
-                await self.renew()
+                certificate = await self.renew()
             except RenewalRefusedError as exc:
                 log.error("certificate renewal refused; not retrying", error=str(exc))  # noqa: TRY400 - expected
                 return
@@ -126,6 +126,9 @@ class Renewer:
                 await asyncio.sleep(delay)
             else:
                 self._backoff.reset()
+                if self._due_in_s(certificate) <= 0:
+                    # Due again at once (a server issuing very short certificates): pace it.
+                    await asyncio.sleep(RETRY_INITIAL_S)
 
     def _due_in_s(self, certificate: str) -> float:
         return renewal_due_in_s(certificate, self._fraction)

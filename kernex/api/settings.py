@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from kernex.storage.settings import BundleStoreSettings, StorageSettings
 
 API_PORT = 8000  # the conventional local development port for HTTP APIs
 DEVICE_CERT_VALIDITY_DAYS = 30  # short-lived: a lost device's certificate dies within a month
+# Below this a device would spend its certificate's life renewing it (it retries every few seconds).
+DEVICE_CERT_VALIDITY_MIN_S = 10
 ENROLLMENT_TOKEN_TTL_DAYS = 7  # a token handed to an installer is used within the week or not at all
 ACCESS_TOKEN_TTL_S = 3600  # an operator signs in about once an hour; a leaked token dies within it
 # HS256 keys shorter than the hash output (32 bytes) weaken the MAC (RFC 7518 §3.2).
@@ -58,6 +61,9 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     api_port: int = Field(default=API_PORT, ge=1, le=65535)
     admission_policy: AdmissionPolicy = AdmissionPolicy.AUTO
     device_cert_validity_days: int = Field(default=DEVICE_CERT_VALIDITY_DAYS, ge=1, le=397)
+    # When set, device certificates live this many seconds instead (tests, demonstrations of
+    # renewal; a fleet renews every third of it).
+    device_cert_validity_s: int | None = Field(default=None, ge=DEVICE_CERT_VALIDITY_MIN_S, le=397 * 86_400)
     # The directory of the Mosquitto config Kernex runs (`kernex up`, `kernex broker run`): its pid
     # file says which process to SIGHUP after a revocation. Unset: <data_dir>/broker.
     broker_dir: Path | None = None
@@ -126,6 +132,13 @@ class ApiSettings(StorageSettings, BundleStoreSettings, BrokerSettings):
     def advertised_mqtt_port(self) -> int:
         """The broker port devices are told to use."""
         return self.mqtt_public_port or self.mqtt_port
+
+    @property
+    def device_cert_validity(self) -> timedelta:
+        """How long a device certificate lives: the seconds setting if given, else the days."""
+        if self.device_cert_validity_s is not None:
+            return timedelta(seconds=self.device_cert_validity_s)
+        return timedelta(days=self.device_cert_validity_days)
 
     @property
     def resolved_broker_dir(self) -> Path:

@@ -578,6 +578,9 @@ class FleetPKI:
         now = datetime.now(UTC)
         # A certificate never outlives the CA that vouches for it.
         not_after = min(now + validity, ca_cert.not_valid_after_utc)
+        # Backdated for lagging clocks, but never by more than its validity: a device renews
+        # once a fraction of notBefore..notAfter remains, which the backdate must not swallow.
+        not_before = now - min(CLOCK_SKEW, validity)
         ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         builder = (
             x509.CertificateBuilder()
@@ -585,7 +588,7 @@ class FleetPKI:
             .issuer_name(ca_cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(

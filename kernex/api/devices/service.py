@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlmodel import col, func, select
@@ -93,7 +93,7 @@ async def register(
     if device.state is AdmissionState.ACTIVE:
         # Signing loads the CA key (a KDF over the passphrase): keep it off the event loop.
         issued = await asyncio.to_thread(
-            pki.sign_device_csr, csr, device_id, timedelta(days=settings.device_cert_validity_days)
+            pki.sign_device_csr, csr, device_id, settings.device_cert_validity
         )
         device.cert_serial = issued.serial
         device.cert_not_after = issued.not_after
@@ -321,7 +321,7 @@ async def renew_certificate(
         device.key_fingerprint = fingerprint
         device.key_type = key_type_of(public_key).value
     issued = await asyncio.to_thread(
-        pki.sign_device_csr, csr, device_id, timedelta(days=settings.device_cert_validity_days)
+        pki.sign_device_csr, csr, device_id, settings.device_cert_validity
     )
     device.cert_serial = issued.serial
     device.cert_not_after = issued.not_after
