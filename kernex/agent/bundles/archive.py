@@ -53,8 +53,10 @@ _METADATA_TYPES = frozenset(
         tarfile.GNUTYPE_LONGLINK,
     }
 )
-# Everything a damaged or truncated gzip/tar stream can raise while it is read.
-_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+# Everything a damaged or truncated gzip/tar stream can raise while it is read. TypeError:
+# CPython's tarfile calls ord() on an empty read when the gzip header ends right after its
+# method byte (found by tests/test_fuzz_bundles.py).
+_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, TypeError)
 # The data filter exists from 3.11.4 on (PEP 706); our own checks stand alone without it.
 _DATA_FILTER = getattr(tarfile, "data_filter", None)
 

@@ -163,9 +163,16 @@ class ArchiveInspector:
         except BundleFormatError as exc:
             self._fail_and_drain(reader, exc)
             return
-        except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+        except (tarfile.TarError, zlib.error, EOFError, OSError, TypeError) as exc:
+            # TypeError: CPython's tarfile calls ord() on an empty read when the gzip header ends
+            # right after its method byte (found by tests/test_fuzz_bundles.py).
             self._fail_and_drain(reader, BundleFormatError(f"not a gzip-compressed tar archive: {exc}"))
             return
+        except Exception as exc:
+            # Anything else is a bug, but the thread must still settle the verdict: an unsettled
+            # one leaves the upload request waiting forever. The handler re-raises it (a 500).
+            self._loop.call_soon_threadsafe(self._settle, None, exc)
+            raise
         report = ArchiveReport(
             manifest=manifest,
             manifest_sha256=manifest_sha256,
