@@ -3,7 +3,10 @@ the answer, events applied; only the device itself may post."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
@@ -16,9 +19,12 @@ from kernex.protocol.keys import KeyType, PrivateKey, build_csr, device_id_for, 
 from kernex.protocol.messages import format_ts
 from kernex.storage.database import engine_scope
 from kernex.storage.models import Device, DeviceEvent, Heartbeat
+from tests.fixtures import asyncapi
 from tests.fixtures.auth import AuthedApi
+from tests.fixtures.broker import RunningBroker, assert_no_message, close_client, next_message
 from tests.fixtures.bundles import good_bundle
-from tests.fixtures.ingest import signed_heartbeat
+from tests.fixtures.fleet import connect_integrator, open_fleet
+from tests.fixtures.ingest import signed_event, signed_heartbeat
 
 JOSE = {"Content-Type": "application/jose"}
 
@@ -172,3 +178,32 @@ async def test_only_the_device_itself_may_post(sqlite_authed_api: AuthedApi) -> 
     async with engine_scope(api.database_url) as engine, engine.connect() as conn:
         stored = (await conn.execute(sa.select(sa.func.count()).select_from(Heartbeat))).scalar_one()
     assert stored == 0
+
+
+async def test_what_arrives_over_http_reaches_integrators_on_the_fleet_topics(
+    sqlite_url: str, tmp_path: Path, broker: RunningBroker
+) -> None:
+    async with open_fleet(tmp_path, sqlite_url, broker) as fleet:
+        api = fleet.api
+        integrator = await asyncio.to_thread(connect_integrator, broker, tmp_path / "integrator")
+        try:
+            key, device_id = await _register(api)
+            beat = await _post(api, key, device_id, signed_heartbeat(key, device_id, 3, config_version=None))
+            assert beat.status_code == 200, beat.text
+            event = signed_event(key, device_id, 4, "deployment", stage="downloading")
+            posted = await _post(api, key, device_id, event, what="events")
+            assert posted.status_code == 200, posted.text
+            seen = []
+            while len(seen) < 3:  # the heartbeat, the status change it caused, the event
+                message = await asyncio.to_thread(next_message, integrator)
+                seen.append((message.topic, json.loads(message.payload)))
+            await asyncio.to_thread(assert_no_message, integrator)
+        finally:
+            await asyncio.to_thread(close_client, integrator)
+    base = f"{broker.topics.prefix}/fleet/devices/{device_id}"
+    by_topic = dict(seen)
+    assert set(by_topic) == {f"{base}/heartbeat", f"{base}/status", f"{base}/deployments"}
+    assert (by_topic[f"{base}/heartbeat"]["seq"], by_topic[f"{base}/status"]["status"]) == (3, "online")
+    assert by_topic[f"{base}/deployments"]["data"] == {"stage": "downloading"}
+    for topic, body in seen:
+        assert not asyncapi.message_errors(topic, body, prefix=broker.topics.prefix), (topic, body)

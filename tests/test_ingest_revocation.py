@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,14 +20,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kernex.broker.config import ACL_NAME
-from kernex.broker.integrators import IntegratorRegistry, reload_broker, write_acl
 from kernex.ingest.metrics import IngestMetrics
-from kernex.protocol.fleet import FleetStatus, fleet_filter
+from kernex.protocol.fleet import FleetStatus
 from kernex.storage.database import create_engine
 from tests.fixtures import asyncapi
 from tests.fixtures.broker import (
-    ACK_TIMEOUT_S,
     QUIET_PERIOD_S,
     RunningBroker,
     close_client,
@@ -36,8 +32,8 @@ from tests.fixtures.broker import (
     make_device,
     next_message,
     publish,
-    subscribe,
 )
+from tests.fixtures.fleet import connect_integrator
 from tests.fixtures.ingest import (
     ingest_settings,
     register_device,
@@ -48,27 +44,12 @@ from tests.fixtures.ingest import (
     wait_for,
 )
 
-RELOAD_LINE = "Reloading config."  # what Mosquitto 2.0 logs on SIGHUP
 WAIT_S = 30.0  # generous: two workers and a broker on a loaded 2-core host
 
 
 @pytest.fixture
 def integrator(broker: RunningBroker, tmp_path: Path) -> Iterator[mqtt.Client]:
-    """An integrator in the running broker's ACL (reloaded), connected, subscribed to the fleet."""
-    registry = IntegratorRegistry(broker.pki, tmp_path / "integrators.json")
-    created, cert_path, key_path = registry.create("watcher", tmp_path / "watcher")
-    broker_dir = broker.data_dir / "broker"
-    log_path = broker.process.log_path
-    assert log_path is not None
-    before = log_path.read_text(errors="replace").count(RELOAD_LINE)
-    write_acl(broker_dir / ACL_NAME, broker.topics, registry)
-    assert reload_broker(broker_dir) == broker.process.pid
-    deadline = time.monotonic() + ACK_TIMEOUT_S
-    while log_path.read_text(errors="replace").count(RELOAD_LINE) == before:
-        assert time.monotonic() < deadline, "mosquitto did not reload"
-        time.sleep(0.02)
-    client = connect_client(broker, cert_path, key_path, created.identity)
-    assert subscribe(client, fleet_filter(broker.topics)).value == 1
+    client = connect_integrator(broker, tmp_path / "integrator")
     yield client
     close_client(client)
 

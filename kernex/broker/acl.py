@@ -45,10 +45,12 @@ def render_acl(topics: Topics, *, integrators: Sequence[str] = ()) -> str:
         f"topic read {topics.all_devices(Channel.STATUS)}",
         f"topic write {prefix}/fleet/#",
         "",
-        "# The API publishes (and clears) retained commands and watches device status.",
+        "# The API publishes (and clears) retained commands, the command key set, and the fleet",
+        "# messages of what devices send over its HTTP fallback; it watches device status.",
         f"user {API_IDENTITY}",
         f"topic readwrite {devices}/+/{Channel.COMMANDS.value}/#",
         f"topic write {topics.command_keys()}",
+        f"topic write {prefix}/fleet/#",
         f"topic read {topics.all_devices(Channel.STATUS)}",
     ]
     for name in dict.fromkeys(integrators):

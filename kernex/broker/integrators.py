@@ -164,6 +164,7 @@ class IntegratorRegistry:
 
     @property
     def _lock_path(self) -> Path:
+        ensure_private_dir(self.path.parent)  # the registry may be the first file there
         return self.path.with_name(f".{self.path.name}.lock")
 
     def _save(self, integrators: list[Integrator]) -> None:

@@ -3,7 +3,8 @@
 The body is the same signed message the device would publish (a compact JWS, content type
 `application/jose`); the bearer token is the device's own JWT, and a device may post only for
 itself. The heartbeat's answer carries the signed commands the device has yet to finish, so a
-device that polls this way needs no broker at all.
+device that polls this way needs no broker at all. Integrators see these messages on the fleet
+topics as if they had come through the broker (the API publishes them after the commit).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kernex.api.deps import SessionDep, StateDep
 from kernex.api.errors import ForbiddenError
 from kernex.api.fallback import service
 from kernex.api.fallback.schemas import EventAccepted, HeartbeatAccepted
+from kernex.protocol.topics import Topics
 from kernex.protocol.verify import ClockLimits, SignedKind
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices (device-facing)"])
@@ -66,7 +68,7 @@ async def post_heartbeat(
     """Store a signed heartbeat (once per seq) and answer with the device's outstanding signed commands."""
     _own(caller, device_id)
     service.check_media_type(request.headers.get("content-type"))
-    stored = await service.receive(
+    received = await service.receive(
         session,
         state.engine,
         device_id=device_id,
@@ -75,7 +77,10 @@ async def post_heartbeat(
         clock=_clock(state),
         max_bytes=state.settings.mqtt_max_packet_size,
     )
-    return HeartbeatAccepted(stored=stored, commands=await service.outstanding_commands(session, device_id))
+    await service.republish(state.broker, Topics(state.settings.topic_prefix), received.fleet)
+    return HeartbeatAccepted(
+        stored=received.stored, commands=await service.outstanding_commands(session, device_id)
+    )
 
 
 @router.post(
@@ -91,7 +96,7 @@ async def post_event(
     """Store a signed event (deployment progress, config applied), once per seq, and apply it."""
     _own(caller, device_id)
     service.check_media_type(request.headers.get("content-type"))
-    stored = await service.receive(
+    received = await service.receive(
         session,
         state.engine,
         device_id=device_id,
@@ -100,4 +105,5 @@ async def post_event(
         clock=_clock(state),
         max_bytes=state.settings.mqtt_max_packet_size,
     )
-    return EventAccepted(stored=stored)
+    await service.republish(state.broker, Topics(state.settings.topic_prefix), received.fleet)
+    return EventAccepted(stored=received.stored)

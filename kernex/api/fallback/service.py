@@ -3,11 +3,15 @@
 The checks are kernex.protocol.verify's and the write is kernex.storage.writer's, the same code
 ingest runs for MQTT messages: a heartbeat that arrives over HTTPS is stored exactly like one
 that came through the broker, once per (device, seq), and so are events (deployment progress
-and config_applied reports are applied the same way).
+and config_applied reports are applied the same way). The writer's normalized fleet messages
+go to webhooks with the commit (its outbox) and, after it, to integrators on the fleet topics,
+published by the API as ingest would (`republish`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 
@@ -15,19 +19,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from kernex.api.broker_link import BrokerLink, BrokerUnavailableError
 from kernex.api.commands import service as commands
 from kernex.api.errors import ApiError, NotFoundError, ServiceUnavailableError
+from kernex.kit.logs import get_logger
 from kernex.protocol.exceptions import InvalidKeyError
+from kernex.protocol.fleet import FLEET_QOS, FleetMessage, encode, fleet_topic
 from kernex.protocol.keys import PublicKey, load_public_key_pem
 from kernex.protocol.messages import Heartbeat
-from kernex.protocol.topics import CommandKind
+from kernex.protocol.topics import CommandKind, Topics
 from kernex.protocol.verify import ClockLimits, MessageRejected, SignedKind, verify_signed
 from kernex.storage.configs import reported_config_version
 from kernex.storage.deployments import ACTIVE_TARGET_STATUSES
 from kernex.storage.exceptions import WriteError
+from kernex.storage.fleet import channel_of
 from kernex.storage.models import DeploymentTarget, Device
 from kernex.storage.records import VerifiedEvent, VerifiedHeartbeat
 from kernex.storage.writer import BatchWriter
+
+log = get_logger(__name__)
 
 JOSE_MEDIA_TYPE = "application/jose"  # RFC 7515 §9.2.1: a JWS in compact serialization
 
@@ -53,6 +63,14 @@ class MessageRefusedError(ApiError):
     code = "message_rejected"
 
 
+@dataclass(frozen=True)
+class Received:
+    """A verified message: whether it was new, and the fleet messages its commit produced."""
+
+    stored: bool
+    fleet: tuple[FleetMessage, ...]
+
+
 def check_media_type(content_type: str | None) -> None:
     """Refuse anything but application/jose."""
     if (content_type or "").split(";", 1)[0].strip().lower() != JOSE_MEDIA_TYPE:
@@ -68,8 +86,8 @@ async def receive(
     kind: SignedKind,
     clock: ClockLimits,
     max_bytes: int,
-) -> bool:
-    """Verify and store one signed message from the device; True if stored, False if a repeat."""
+) -> Received:
+    """Verify and store one signed message from the device (stored False: a repeat)."""
     if len(payload) > max_bytes:
         raise MessageTooLargeError(f"{len(payload)} bytes > {max_bytes}")
     device = await session.get(Device, device_id)
@@ -96,7 +114,30 @@ async def receive(
     except WriteError as exc:
         raise ServiceUnavailableError(f"not stored, retry: {exc}") from None
     tally = result.heartbeats if kind is SignedKind.HEARTBEAT else result.events
-    return tally.stored == 1
+    return Received(stored=tally.stored == 1, fleet=tuple(result.fleet))
+
+
+async def republish(broker: BrokerLink, topics: Topics, messages: Sequence[FleetMessage]) -> int:
+    """Publish committed fleet messages for integrators; how many the broker took.
+
+    The message is stored and its webhooks queued whatever happens here: a broker that is down
+    costs integrators these messages (logged), never the device its answer.
+    """
+    published = 0
+    for message in messages:
+        topic = fleet_topic(topics, message.device_id, channel_of(message))
+        try:
+            await broker.publish(topic, encode(message), retain=False, qos=FLEET_QOS)
+        except BrokerUnavailableError as exc:
+            log.warning(
+                "fleet message of an HTTP fallback report not published",
+                device_id=message.device_id,
+                topic=topic,
+                error=str(exc),
+            )
+            continue
+        published += 1
+    return published
 
 
 def _public_key(device: Device) -> PublicKey | None:
