@@ -337,7 +337,10 @@ async def test_cancel_stops_a_rollout(pg_fleet: Fleet) -> None:
         {"phases": [{"percent": 100}], "rate_limit": {"devices": 0}},
         {"phases": [{"percent": 100}], "maintenance_window": {"start": "02:00", "end": "02:00"}},
         {"phases": [{"percent": 100}], "maintenance_window": {"start": "02:00", "end": "25:00"}},
-        {"phases": [{"percent": 100}], "maintenance_window": {"start": "02:00+02:00", "end": "03:00"}},
+        {
+            "phases": [{"percent": 100}],
+            "maintenance_window": {"start": "02:00", "end": "03:00", "weekdays": [7]},
+        },
         {"phases": [{"percent": 100}], "abort": {"after_failure_percent": 120}},
         {"phases": [{"percent": 100}], "abort": {"after_failures": 1, "typo": True}},
     ],

@@ -152,6 +152,8 @@ class RolloutEngine:
         try:
             async with self._sessions() as session:
                 await self._step(session, deployment_id, now, todo)
+                await session.commit()
+                await rollouts.audit_queued(session)
         except ApiError as exc:
             # A domain refusal inside a step (a bundle gone from the store...) is the rollout's
             # state of affairs, not the caller's error: logged, and the next pass tries again.
@@ -182,7 +184,6 @@ class RolloutEngine:
         if rollout.state == RolloutState.ABORTED:
             if strategy.abort.rollback:
                 await self._revert(session, rollout, deployment, todo)
-            await session.commit()
             return
         await self._requeue_expired(session, deployment_id, now)
         reason = await self._abort_reason(session, strategy, deployment_id, now)
@@ -203,7 +204,6 @@ class RolloutEngine:
                 session, rollout=rollout, deployment=deployment, strategy=strategy, now=now, todo=todo
             ):
                 break
-        await session.commit()
 
     # --- targets ---------------------------------------------------------------------------
 
@@ -324,7 +324,7 @@ class RolloutEngine:
         session.add(rollout)
         await session.flush()
         await recompute(await session.connection(), [deployment.id], now)
-        await rollouts.record(
+        rollouts.transition(
             session,
             deployment.id,
             event="aborted",
@@ -398,7 +398,7 @@ class RolloutEngine:
                 target.reverted_by = REVERT_IMPOSSIBLE
                 session.add(target)
         await session.flush()
-        await rollouts.record(
+        rollouts.transition(
             session,
             deployment.id,
             event="reverted",
@@ -445,7 +445,9 @@ class RolloutEngine:
         if rollout.phase_passed_at is None:
             if share < threshold:
                 if not any(t.status in ACTIVE_TARGET_STATUSES for t in phase_targets):
-                    reason = (
+                    # Reports that arrived since the abort check may meet an abort criterion: its
+                    # reason says more than the threshold's.
+                    reason = await self._abort_reason(session, strategy, deployment.id, now) or (
                         f"phase {index + 1} finished with {len(succeeded)} of {size} devices succeeded "
                         f"({share:.0f}%), below the {threshold:g}% success threshold"
                     )
@@ -461,7 +463,7 @@ class RolloutEngine:
                 return False
             rollout.phase_passed_at = now
             session.add(rollout)
-            await rollouts.record(
+            rollouts.transition(
                 session,
                 deployment.id,
                 event="phase_passed",
@@ -481,7 +483,7 @@ class RolloutEngine:
         if strategy.require_approval:
             rollout.state = RolloutState.AWAITING_APPROVAL.value
             session.add(rollout)
-            await rollouts.record(
+            rollouts.transition(
                 session,
                 deployment.id,
                 event="awaiting_approval",
@@ -524,7 +526,7 @@ class RolloutEngine:
         session.add(rollout)
         await session.flush()
         await recompute(await session.connection(), [deployment.id], now)
-        await rollouts.record(
+        rollouts.transition(
             session,
             deployment.id,
             event="completed",
@@ -566,7 +568,7 @@ class RolloutEngine:
         session.add(rollout)
         await session.flush()
         await recompute(await session.connection(), [deployment.id], now)
-        await rollouts.record(
+        rollouts.transition(
             session,
             deployment.id,
             event="phase_started",

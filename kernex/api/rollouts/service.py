@@ -39,9 +39,10 @@ from kernex.storage.deployments import (
 from kernex.storage.models import DeploymentTarget, Rollout, RolloutTransition
 
 AUDIT_PREFIX = "rollout."  # transitions are audited as rollout.<event>
+QUEUED_AUDITS = "kernex.rollout_audits"  # the session.info key of audit entries waiting for the commit
 
 
-async def record(
+def transition(
     session: AsyncSession,
     deployment_id: str,
     *,
@@ -51,9 +52,12 @@ async def record(
     actor: str,
     reason: str | None = None,
     details: Mapping[str, Any] | None = None,
-    request: Request | None = None,
 ) -> None:
-    """Record a transition and audit it; the audit entry's commit covers the session's work."""
+    """Add a transition to the session, and queue its audit entry for `audit_queued`.
+
+    The audit entry waits for the caller's commit: writing it commits, and a rollout step must
+    hold its rollout's row until all of its work is done.
+    """
     session.add(
         RolloutTransition(
             deployment_id=deployment_id,
@@ -66,15 +70,20 @@ async def record(
             details=dict(details or {}),
         )
     )
-    await audit.record(
-        session,
-        actor=actor,
-        action=AUDIT_PREFIX + event,
-        target=f"deployment:{deployment_id}",
-        outcome="success",
-        request=request,
-        details={"state": state.value, "phase": phase, "reason": reason, **(details or {})},
+    session.info.setdefault(QUEUED_AUDITS, []).append(
+        {
+            "actor": actor,
+            "action": AUDIT_PREFIX + event,
+            "target": f"deployment:{deployment_id}",
+            "details": {"state": state.value, "phase": phase, "reason": reason, **(details or {})},
+        }
     )
+
+
+async def audit_queued(session: AsyncSession, *, request: Request | None = None) -> None:
+    """Audit the transitions queued in the session (each entry commits)."""
+    for entry in session.info.pop(QUEUED_AUDITS, []):
+        await audit.record(session, outcome="success", request=request, **entry)
 
 
 async def start(
@@ -133,15 +142,15 @@ async def approve(
         rollout = await get_rollout(session, deployment_id)
         if not changed.rowcount:
             raise ConflictError(f"rollout {deployment_id} is {rollout.state}: nothing awaits approval")
-        await record(
+        transition(
             session,
             deployment_id,
             event="approved",
             state=RolloutState.RUNNING,
             phase=rollout.phase,
             actor=actor.actor,
-            request=request,
         )
+        await audit_queued(session, request=request)
 
 
 async def stop_for_cancel(session: AsyncSession, deployment_id: str, *, actor: str) -> None:
