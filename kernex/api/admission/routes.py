@@ -17,7 +17,6 @@ from kernex.api.admission.schemas import (
 from kernex.api.audit import service as audit
 from kernex.api.auth.deps import OperatorDep, require_operator
 from kernex.api.deps import SessionDep, SettingsDep
-from kernex.api.errors import ApiError
 
 # Listing tokens shows who may enroll devices: operators, like creating them.
 tokens_router = APIRouter(
@@ -75,19 +74,10 @@ async def revoke_token(
 ) -> EnrollmentTokenOut:
     """Revoke a token at once: devices presenting it from now on wait pending."""
     target = f"enrollment_token:{token_id}"
-    try:
+    async with audit.audited(
+        session, actor=operator, action="enrollment_token.revoke", target=target, request=request
+    ):
         row = await service.revoke_token(session, token_id)
-    except ApiError as exc:
-        await audit.record(
-            session,
-            actor=operator,
-            action="enrollment_token.revoke",
-            target=target,
-            outcome="failed",
-            request=request,
-            details={"error": exc.code},
-        )
-        raise
     await audit.record(
         session,
         actor=operator,
@@ -113,21 +103,12 @@ async def preauthorize(
         key_fingerprint=body.key_fingerprint, public_key_pem=body.public_key_pem, csr=body.csr
     )
     target = f"preauthorization:{fingerprint}"
-    try:
+    async with audit.audited(
+        session, actor=operator, action="device.preauthorize", target=target, request=request
+    ):
         row = await service.preauthorize(
             session, key_fingerprint=fingerprint, name=body.name, tags=body.tags, created_by=operator.actor
         )
-    except ApiError as exc:
-        await audit.record(
-            session,
-            actor=operator,
-            action="device.preauthorize",
-            target=target,
-            outcome="failed",
-            request=request,
-            details={"error": exc.code},
-        )
-        raise
     await audit.record(
         session,
         actor=operator,
@@ -155,19 +136,10 @@ async def delete_preauthorization(
 ) -> PreauthorizationOut:
     """Withdraw a pre-authorization; a device it already admitted stays admitted."""
     target = f"preauthorization:{key_fingerprint}"
-    try:
+    async with audit.audited(
+        session, actor=operator, action="device.preauthorization.delete", target=target, request=request
+    ):
         row = await service.delete_preauthorization(session, key_fingerprint)
-    except ApiError as exc:
-        await audit.record(
-            session,
-            actor=operator,
-            action="device.preauthorization.delete",
-            target=target,
-            outcome="failed",
-            request=request,
-            details={"error": exc.code},
-        )
-        raise
     await audit.record(
         session,
         actor=operator,

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query, Request, status
 from kernex.api.audit import service as audit
 from kernex.api.auth.deps import OperatorDep, ViewerDep
 from kernex.api.deps import SessionDep
-from kernex.api.errors import ApiError
 from kernex.api.webhooks import service
 from kernex.api.webhooks.dispatcher import lifespan, secret_box
 from kernex.api.webhooks.schemas import (
@@ -62,19 +61,10 @@ async def delete_webhook(
 ) -> WebhookOut:
     """Delete a webhook; its pending deliveries are dropped."""
     target = f"webhook:{webhook_id}"
-    try:
+    async with audit.audited(
+        session, actor=operator, action="webhook.delete", target=target, request=request
+    ):
         row = await service.delete(session, webhook_id)
-    except ApiError as exc:
-        await audit.record(
-            session,
-            actor=operator,
-            action="webhook.delete",
-            target=target,
-            outcome="failed",
-            request=request,
-            details={"error": exc.code},
-        )
-        raise
     out = WebhookOut.model_validate(row)
     await audit.record(
         session, actor=operator, action="webhook.delete", target=target, outcome="success", request=request
