@@ -36,8 +36,9 @@ from kernex.kit.backoff import Backoff
 from kernex.protocol import jws
 from kernex.protocol.commands import KeySet, sign_key_set, verify_key_set
 from kernex.protocol.exceptions import MessageError, SignatureError, StaleKeySetError
-from kernex.protocol.keys import KeyType, generate_private_key, public_key_to_pem
+from kernex.protocol.keys import KeyType, generate_private_key, load_public_key_pem, public_key_to_pem
 from kernex.protocol.messages import CommandKey, MqttEndpoint, RegistrationResponse
+from kernex.storage.migrate import upgrade
 from kernex.storage.models import AuditEntry
 from tests.fixtures.broker import (
     TEST_PKI_PASSPHRASE,
@@ -373,3 +374,33 @@ async def test_rotation_and_retirement_are_admin_only_and_refusals_audited(fleet
         ).all()
     assert ("command_key.retire", "failed", f"command_key:{first_kid}") in rows
     assert ("command_key.rotate", "success", f"command_key:{rotated['added']}") in rows
+
+
+def test_a_backup_keeps_the_rotated_ring_and_a_restore_brings_it_back(
+    pki: FleetPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(pki.directory, first / "pki")
+    ring, added = CommandKeyRing(FleetPKI(first / "pki", TEST_PKI_PASSPHRASE)).rotate(timedelta(0))
+    for key, value in {
+        "KERNEX_DATA_DIR": str(first),
+        "KERNEX_DATABASE_URL": f"sqlite+aiosqlite:///{first / 'kernex.db'}",
+        "KERNEX_PKI_PASSPHRASE": TEST_PKI_PASSPHRASE.decode(),
+    }.items():
+        monkeypatch.setenv(key, value)
+    upgrade(f"sqlite+aiosqlite:///{first / 'kernex.db'}")
+    archive = tmp_path / "backup.tar.gz"
+    runner = CliRunner()
+    made = runner.invoke(cli, ["backup", "--output", str(archive), "--no-bundles"])
+    assert made.exit_code == 0, made.output
+    monkeypatch.setenv("KERNEX_DATA_DIR", str(second))
+    monkeypatch.setenv("KERNEX_DATABASE_URL", f"sqlite+aiosqlite:///{second / 'kernex.db'}")
+    restored = runner.invoke(cli, ["restore", str(archive)])
+    assert restored.exit_code == 0, restored.output
+    back = CommandKeyRing(FleetPKI(second / "pki", TEST_PKI_PASSPHRASE))
+    assert back.load() == ring
+    # The restored platform signs with the rotated key, which it can still decrypt.
+    assert back.load().signer(datetime.now(UTC)).kid == added.kid
+    assert back.private_key(added.kid).public_key().public_numbers() == (  # type: ignore[union-attr]  # EC keys
+        load_public_key_pem(added.public_key_pem).public_numbers()  # type: ignore[union-attr]  # EC keys
+    )

@@ -24,13 +24,19 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from kernex.broker._files import atomic_write, ensure_private_dir
 from kernex.broker.exceptions import PKIError
-from kernex.broker.pki import COMMAND_KEY_ID_HEX_CHARS, FleetPKI, exclusive_lock
+from kernex.broker.pki import (
+    COMMAND_KEY_ID_HEX_CHARS,
+    COMMAND_RING_FILE,
+    COMMAND_RING_KEYS_DIR,
+    FleetPKI,
+    exclusive_lock,
+)
 from kernex.protocol.commands import KEY_SET_MAX_KEYS, KeySet, sign_key_set
 from kernex.protocol.keys import PrivateKey, public_key_fingerprint, public_key_to_pem
 from kernex.protocol.messages import BIGINT_MAX, CommandKey
 
-RING_FILE = "command-keys.json"
-RING_KEYS_DIR = "command-keys"
+RING_FILE = COMMAND_RING_FILE
+RING_KEYS_DIR = COMMAND_RING_KEYS_DIR
 RING_LOCK = ".command-keys.lock"
 COMMAND_KEY_ALG = "ES256"  # every control-plane key is ECDSA P-256
 _ALWAYS = datetime(1970, 1, 1, tzinfo=UTC)  # the first key has signed from the start

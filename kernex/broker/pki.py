@@ -65,6 +65,8 @@ SERVER_CERT_VALIDITY = timedelta(days=397)
 SERVICE_CERT_VALIDITY = timedelta(days=397)
 RENEW_BEFORE = timedelta(days=30)  # a month of warning for a cron'd or restarted `pki init`
 DEVICE_CERT_VALIDITY = timedelta(days=30)  # short-lived: devices renew, and revocation matters less
+COMMAND_RING_FILE = "command-keys.json"  # the command key ring (kernex.broker.command_keys)
+COMMAND_RING_KEYS_DIR = "command-keys"  # keys rotation added, encrypted like the first
 CRL_NAME = "crl.pem"
 CRL_LOCK_NAME = ".crl.lock"
 CLOCK_SKEW = timedelta(minutes=5)  # backdate notBefore: device clocks lag after a cold boot
@@ -406,15 +408,28 @@ class FleetPKI:
 
     @property
     def custody_paths(self) -> tuple[Path, ...]:
-        """The files a backup must keep: the CA certificate and the passphrase-encrypted keys.
+        """The files a backup must keep: the CA certificate, the passphrase-encrypted keys, and
+        the command key ring once rotated.
 
         The broker and service certificates are left out on purpose: their keys are unencrypted
         (Mosquitto and paho read them as they are), and `init()` reissues them from the CA.
         """
-        return (self.ca_cert_path, self.ca_key_path, self.command_key_path, self.release_key_path)
+        fixed = (self.ca_cert_path, self.ca_key_path, self.command_key_path, self.release_key_path)
+        return fixed + self._command_ring_paths()
+
+    def _command_ring_paths(self) -> tuple[Path, ...]:
+        """The ring file and the keys rotation added, once there has been a rotation.
+
+        Without them a restored platform would sign with the first key at ring version 0, and
+        devices that took up a newer key set would refuse every later one as a rollback.
+        """
+        ring = self.directory / COMMAND_RING_FILE
+        keys = sorted((self.directory / COMMAND_RING_KEYS_DIR).glob("*.key"))
+        return ((ring,) if ring.is_file() else ()) + tuple(keys)
 
     def check_keys(self) -> None:
-        """Decrypt the CA, command-signing and release keys; PKIError says which one fails and why.
+        """Decrypt the CA, command-signing (every one of the ring) and release keys; PKIError says
+        which one fails and why.
 
         An unencrypted key is refused like everywhere else: a backup or restore must never
         spread one.
@@ -422,6 +437,8 @@ class FleetPKI:
         self._load_ca()
         self.command_signing_key()
         self.release_signing_key()
+        for path in sorted((self.directory / COMMAND_RING_KEYS_DIR).glob("*.key")):
+            self._load_encrypted(path, f"command-signing key {path.stem}")
 
     # --- TLS ---------------------------------------------------------------------------------
 

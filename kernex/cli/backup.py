@@ -166,7 +166,8 @@ def _write_backup(
         dump.dump(url, dump_path)
         members[f"database/{dump_path.name}"] = dump_path
         for path in pki.custody_paths:
-            members[f"pki/{path.name}"] = path
+            # Relative paths: the command key ring keeps the keys rotation added in a subdirectory.
+            members[f"pki/{path.relative_to(pki.directory).as_posix()}"] = path
         if bundles and settings.bundle_dir.is_dir():
             for path in sorted(
                 p for p in settings.bundle_dir.rglob("*") if p.is_file() and not p.is_symlink()
@@ -199,8 +200,8 @@ def _write_backup(
 
 def _refuse_unencrypted(pki: FleetPKI) -> None:
     for path in pki.custody_paths:
-        if path == pki.ca_cert_path:
-            continue
+        if path.suffix != ".key":
+            continue  # the CA certificate and the command key ring's (public) file
         try:
             serialization.load_pem_private_key(path.read_bytes(), password=None)
         except TypeError:
