@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from playwright.async_api import Browser, expect
 
 from kernex.agent.agent import Agent
 from kernex.agent.settings import AgentSettings
@@ -26,12 +27,16 @@ from kernex.agent.simulator import SIMULATED_DEVICE_TYPE, Simulator
 from kernex.kit.backoff import Backoff
 from kernex.storage.database import create_engine
 from kernex.storage.models import DeviceCommand
-from tests.fixtures.platform import Platform, run_platform, wait_for
+from tests.fixtures.platform import ADMIN_PASSWORD, ADMIN_USERNAME, Platform, run_platform, wait_for
+from tests.test_dashboard_ui import browser, watch_errors
 from tests.test_e2e_deployments import SETTLE_S, Api, upload_bundle
+
+__all__ = ["browser"]  # headless Chromium, shared with the dashboard walk
 
 FLEET = 20
 ROLLOUT_S = 120  # a whole rollout (registration aside) on a loaded 2-core machine
 ENV = {"KERNEX_ROLLOUT_INTERVAL_S": "0.5"}  # phases follow reports within half a second
+LIVE_MS = 30_000  # a change shows on the page within the events stream's pace on a loaded host
 
 
 @pytest.fixture
@@ -216,3 +221,76 @@ async def test_phased_rollouts_across_twenty_simulated_devices(
         late_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await late_task
+
+
+ROLLOUT_SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "rollouts"
+
+
+async def test_dashboard_shows_phases_approval_and_why_a_rollout_stopped(
+    sqlite_url: str, tmp_path: Path, browser: Browser
+) -> None:
+    ROLLOUT_SHOTS.mkdir(parents=True, exist_ok=True)
+    async with run_platform(tmp_path, sqlite_url, env=ENV) as platform:
+        settings = AgentSettings(api_url=platform.api_url, state_dir=tmp_path / "sim", heartbeat_interval_s=1)
+        fleet = Simulator(settings, 3, start_spread_s=1)
+        task = asyncio.create_task(fleet.run())
+        try:
+            await _dashboard_walk(platform, browser, tmp_path)
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+    assert platform.proc.returncode == 0, platform.log()[-3000:]
+
+
+async def _dashboard_walk(platform: Platform, browser: Browser, tmp_path: Path) -> None:
+    api = Api(platform)
+
+    async def all_online() -> bool:
+        page = await api.call("GET", "/api/v1/devices", params={"status": "online"})
+        return bool(page["total"] == 3)
+
+    await wait_for(all_online, SETTLE_S, "three simulated devices online", log=platform)
+    bundle = upload_bundle(platform, tmp_path, "1.0.0")
+    strategy = {"phases": [{"name": "canary", "devices": 1}, {"percent": 100}], "require_approval": True}
+    devices = (await api.call("GET", "/api/v1/devices"))["items"]
+    body = {"bundle_id": bundle, "device_ids": [d["id"] for d in devices], "rollout": strategy}
+    created = await api.call("POST", "/api/v1/deployments", json=body, expect=201)
+    await _until(api, created["id"], "the canary passed", lambda r: r["state"] == "awaiting_approval")
+
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    errors = watch_errors(page)
+    await page.goto(platform.api_url + "/ui/")
+    await page.get_by_label("Username").fill(ADMIN_USERNAME)
+    await page.get_by_label("Password").fill(ADMIN_PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name="Fleet overview")).to_be_visible()
+    await page.goto(f"{platform.api_url}/ui/#/deployments/{created['id']}")
+    state = page.locator("[data-field=rollout-state] .badge")
+    await expect(state).to_have_attribute("data-status", "awaiting_approval")
+    await expect(page.locator(".facts")).to_contain_text("phase 1 of 2")
+    phases = page.locator("tr[data-phase]")
+    await expect(phases).to_have_count(2)
+    await expect(phases.nth(0)).to_contain_text("canary")
+    await expect(phases.nth(0).locator(".badge")).to_have_attribute("data-status", "passed")
+    await expect(phases.nth(0)).to_contain_text("1/1 succeeded")
+    await expect(phases.nth(1).locator(".badge")).to_have_attribute("data-status", "waiting")
+    await page.screenshot(path=ROLLOUT_SHOTS / "01-awaiting-approval.png", full_page=True)
+
+    await page.get_by_role("button", name="Approve phase 2").click()
+    await expect(state).to_have_attribute("data-status", "completed", timeout=LIVE_MS)
+    await expect(phases.nth(1)).to_contain_text("2/2 succeeded", timeout=LIVE_MS)
+    await expect(page.get_by_role("button", name="Approve phase 2")).to_have_count(0)
+    await page.screenshot(path=ROLLOUT_SHOTS / "02-completed.png", full_page=True)
+
+    # A rollout stopped: the page says why.
+    second = upload_bundle(platform, tmp_path, "2.0.0")
+    stopped = await api.call("POST", "/api/v1/deployments", json=body | {"bundle_id": second}, expect=201)
+    await _until(api, stopped["id"], "waiting again", lambda r: r["state"] == "awaiting_approval")
+    await api.call("POST", f"/api/v1/deployments/{stopped['id']}/cancel")
+    await page.goto(f"{platform.api_url}/ui/#/deployments/{stopped['id']}")
+    await expect(page.locator("[data-field=stop-reason]")).to_have_text(f"cancelled by user:{ADMIN_USERNAME}")
+    await expect(state).to_have_attribute("data-status", "cancelled")
+    await page.screenshot(path=ROLLOUT_SHOTS / "03-stopped.png", full_page=True)
+    await context.close()
+    assert not errors, errors

@@ -1,7 +1,7 @@
 // Deployments: the list, creating one with a preview of its targets, and one deployment's live
-// per-device progress with cancel.
-//
-// Rollout phases (canary, then waves) are not offered: the API deploys to all targets at once.
+// per-device progress with cancel. A phased rollout (docs/rollouts.md) shows its state, current
+// phase, each phase's progress and why it stopped, and offers approval when a phase waits for it.
+// Rollouts are created through the API; the form here deploys to all targets at once.
 
 import { ApiError, api } from "../api.js";
 import {
@@ -360,6 +360,7 @@ export async function renderDetail(ctx) {
   const heading = h("h1", {}, "Deployment");
   const summary = h("section", { class: "card", "aria-label": "Summary" });
   const actions = h("div", { class: "actions" });
+  const phasesBox = h("section", { class: "card", "aria-labelledby": "phases-h", hidden: true });
   const targetsBox = h("section", { class: "card", "aria-labelledby": "targets-h" });
   add(
     main,
@@ -367,9 +368,11 @@ export async function renderDetail(ctx) {
     heading,
     actions,
     summary,
+    phasesBox,
     targetsBox,
   );
   let deployment = null;
+  let rollout = null;
   const rows = new Map();
 
   function showSummary() {
@@ -388,16 +391,76 @@ export async function renderDetail(ctx) {
         fact("Finished", when(d.finished_at)),
         d.cancelled_at ? fact("Cancelled", when(d.cancelled_at), d.cancelled_by ? ` by ${d.cancelled_by}` : "") : null,
         fact("Timeout per device", `${d.timeout_s} s`),
+        d.rollout
+          ? fact(
+              "Rollout",
+              h("span", { dataset: { field: "rollout-state" } }, badge(d.rollout.state)),
+              ` phase ${d.rollout.phase + 1} of ${d.rollout.phases_total}`,
+            )
+          : null,
+        d.rollout && d.rollout.stop_reason
+          ? fact("Why it stopped", h("span", { dataset: { field: "stop-reason" } }, d.rollout.stop_reason))
+          : null,
       ),
     );
     const cancellable = ctx.can("operator") && ACTIVE.has(d.status);
-    if (actions.dataset.cancellable !== String(cancellable)) {
-      actions.dataset.cancellable = String(cancellable);
+    const approvable = ctx.can("operator") && Boolean(d.rollout) && d.rollout.state === "awaiting_approval";
+    const key = `${cancellable}/${approvable}`;
+    if (actions.dataset.buttons !== key) {
+      actions.dataset.buttons = key;
       clear(
         actions,
+        approvable ? h("button", { type: "button", onclick: approve }, `Approve phase ${d.rollout.phase + 2}`) : null,
         cancellable ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel deployment") : null,
       );
     }
+  }
+
+  async function approve() {
+    try {
+      rollout = await api("POST", `${path}/approve`);
+      notify("Next phase approved.");
+      await load();
+    } catch (error) {
+      notify(error.message, "bad");
+    }
+  }
+
+  function showPhases() {
+    phasesBox.hidden = !rollout;
+    if (!rollout) return;
+    clear(
+      phasesBox,
+      h("h2", { id: "phases-h" }, "Phases"),
+      h(
+        "div",
+        { class: "table-wrap" },
+        h(
+          "table",
+          { class: "table stack" },
+          h("caption", { class: "visually-hidden" }, "Rollout phases: size, state and progress"),
+          h(
+            "thead",
+            {},
+            h("tr", {}, ["Phase", "Size", "State", "Progress"].map((c) => h("th", { scope: "col" }, c))),
+          ),
+          h(
+            "tbody",
+            {},
+            rollout.phases.map((p) =>
+              h(
+                "tr",
+                { dataset: { phase: String(p.index) } },
+                h("th", { scope: "row", "data-label": "Phase" }, p.name || `Phase ${p.index + 1}`),
+                h("td", { "data-label": "Size" }, p.percent != null ? `${p.percent} %` : `+${p.devices} device${p.devices === 1 ? "" : "s"}`),
+                h("td", { "data-label": "State" }, badge(p.state)),
+                h("td", { "data-label": "Progress" }, p.total ? progress(p.counts, p.total) : "—"),
+              ),
+            ),
+          ),
+        ),
+      ),
+    );
   }
 
   async function cancel() {
@@ -482,9 +545,12 @@ export async function renderDetail(ctx) {
   async function load() {
     try {
       const d = await api("GET", path);
+      const r = d.rollout ? await api("GET", `${path}/rollout`) : null;
       if (ctx.stale()) return;
       deployment = d;
+      rollout = r;
       showSummary();
+      showPhases();
       showTargets();
     } catch (error) {
       if (!ctx.stale()) clear(summary, errorState(error, load));
@@ -499,7 +565,8 @@ export async function renderDetail(ctx) {
     if (!change || !deployment) return;
     Object.assign(deployment, change);
     showSummary();
-    if (!ACTIVE.has(change.status)) reload();
+    // A rollout's next phase adds devices; its state is only in the full read.
+    if (!ACTIVE.has(change.status) || deployment.rollout || change.total !== rows.size) reload();
   });
   ctx.on("targets", (data) => {
     let touched = false;
