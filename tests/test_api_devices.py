@@ -187,6 +187,19 @@ async def test_device_list_filters_search_pagination_and_stats(api, database_url
     wildcard = (await client.get("/api/v1/devices", params={"q": "%"})).json()
     assert wildcard["total"] == 0
 
+    # Sorting is the API's, across pages, not only within the page a client holds.
+    async def names(**params: str | int) -> list[str]:
+        page = (await client.get("/api/v1/devices", params=params)).json()
+        return [d["name"] for d in page["items"]]
+
+    assert await names(sort="name", limit=2) == ["sensor-0", "sensor-1"]
+    assert await names(sort="name", limit=2, offset=2) == ["sensor-2", "sensor-3"]
+    assert await names() == [f"sensor-{i}" for i in reversed(range(5))], "newest registration first"
+    assert (await names(sort="version"))[:2] == ["sensor-0", "sensor-1"], "versions first, none last"
+    assert (await names(sort="status"))[:2] == ["sensor-0", "sensor-1"], "online before unknown"
+    refused = await client.get("/api/v1/devices", params={"sort": "color"})
+    assert refused.status_code == 422
+
     stats = (await client.get("/api/v1/devices/stats")).json()
     assert stats["total"] == 5
     assert stats["online"] == 2
@@ -199,6 +212,13 @@ async def test_device_list_filters_search_pagination_and_stats(api, database_url
     since = (now - timedelta(minutes=8, seconds=30)).isoformat()
     recent = (await client.get(f"/api/v1/devices/{ids[0]}/heartbeats", params={"since": since})).json()
     assert [b["seq"] for b in recent["items"]] == [2]
+    # Paging back: a page's oldest ts is the next page's (exclusive) `until`.
+    older = (
+        await client.get(
+            f"/api/v1/devices/{ids[0]}/heartbeats", params={"until": beats["items"][-1]["ts"], "limit": 2}
+        )
+    ).json()
+    assert [b["seq"] for b in older["items"]] == [0]
 
     missing = await client.get("/api/v1/devices/0000/heartbeats")
     assert missing.status_code == 404

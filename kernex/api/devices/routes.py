@@ -20,6 +20,7 @@ from kernex.api.devices.schemas import (
     DeviceDetail,
     DeviceOut,
     DevicePage,
+    DeviceSort,
     FleetStats,
     HeartbeatOut,
     HeartbeatPage,
@@ -72,12 +73,13 @@ async def list_devices(
     status: ConnectionState | None = None,
     state: AdmissionState | None = None,
     q: Annotated[str | None, Query(max_length=128, description="Search by name or id")] = None,
+    sort: DeviceSort = DeviceSort.REGISTERED,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> DevicePage:
-    """Devices, newest first, filtered by connection status and admission state, searchable."""
+    """Devices, newest first or in the `sort` order, filtered by status and admission state, searchable."""
     devices, total = await service.list_devices(
-        session, status=status, state=state, search=q, limit=limit, offset=offset
+        session, status=status, state=state, search=q, sort=sort, limit=limit, offset=offset
     )
     return DevicePage(items=[service.to_out(d) for d in devices], total=total, limit=limit, offset=offset)
 
@@ -98,11 +100,15 @@ async def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
 async def list_heartbeats(
     device_id: str,
     session: SessionDep,
-    since: AwareDatetime | None = None,
+    since: Annotated[AwareDatetime | None, Query(description="Only heartbeats at or after this time")] = None,
+    until: Annotated[
+        AwareDatetime | None,
+        Query(description="Only heartbeats before this time: pass a page's oldest ts for the next page"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 100,
 ) -> HeartbeatPage:
     """A device's heartbeats, newest first."""
-    rows = await service.heartbeats(session, device_id, since=since, limit=limit)
+    rows = await service.heartbeats(session, device_id, since=since, until=until, limit=limit)
     return HeartbeatPage(device_id=device_id, items=[HeartbeatOut.model_validate(r) for r in rows])
 
 

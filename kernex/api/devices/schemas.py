@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kernex.storage.models import AdmissionState, ConnectionState
+
+
+class DeviceSort(StrEnum):
+    """The order of a device list page."""
+
+    REGISTERED = "registered"  # newest registrations first
+    NAME = "name"  # by name (the id when unnamed)
+    STATUS = "status"  # offline, online, unknown, then by name
+    LAST_SEEN = "last_seen"  # most recently seen first; never seen last
+    VERSION = "version"  # by installed bundle version (text order); none last
 
 
 class DeviceMetrics(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import col, func, select
@@ -17,6 +18,7 @@ from kernex.api.devices.schemas import (
     DeviceDetail,
     DeviceMetrics,
     DeviceOut,
+    DeviceSort,
     FleetStats,
     RenewedCertificate,
 )
@@ -92,9 +94,7 @@ async def register(
     certificate: str | None = None
     if device.state is AdmissionState.ACTIVE:
         # Signing loads the CA key (a KDF over the passphrase): keep it off the event loop.
-        issued = await asyncio.to_thread(
-            pki.sign_device_csr, csr, device_id, settings.device_cert_validity
-        )
+        issued = await asyncio.to_thread(pki.sign_device_csr, csr, device_id, settings.device_cert_validity)
         device.cert_serial = issued.serial
         device.cert_not_after = issued.not_after
         certificate = issued.pem
@@ -186,16 +186,28 @@ def to_detail(device: Device) -> DeviceDetail:
     )
 
 
+_BY_NAME = sa.func.coalesce(col(Device.name), col(Device.id))
+# Every order ends with the id (added by list_devices): pages are stable when values tie.
+_ORDER: dict[DeviceSort, tuple[sa.ColumnElement[Any], ...]] = {
+    DeviceSort.REGISTERED: (col(Device.registered_at).desc(),),
+    DeviceSort.NAME: (_BY_NAME,),
+    DeviceSort.STATUS: (col(Device.status).asc(), _BY_NAME),
+    DeviceSort.LAST_SEEN: (sa.nulls_last(col(Device.last_seen_at).desc()),),
+    DeviceSort.VERSION: (sa.nulls_last(col(Device.bundle_version).asc()), _BY_NAME),
+}
+
+
 async def list_devices(
     session: AsyncSession,
     *,
     status: ConnectionState | None,
     state: AdmissionState | None,
     search: str | None,
+    sort: DeviceSort = DeviceSort.REGISTERED,
     limit: int,
     offset: int,
 ) -> tuple[list[Device], int]:
-    """A page of devices, newest registrations first, with the total matching count."""
+    """A page of devices in the requested order, with the total matching count."""
     conditions: list[sa.ColumnElement[bool]] = []
     if status is not None:
         conditions.append(col(Device.status) == status)
@@ -212,11 +224,7 @@ async def list_devices(
         )
     total = (await session.exec(select(func.count()).select_from(Device).where(*conditions))).one()
     rows = await session.exec(
-        select(Device)
-        .where(*conditions)
-        .order_by(col(Device.registered_at).desc(), col(Device.id))
-        .limit(limit)
-        .offset(offset)
+        select(Device).where(*conditions).order_by(*_ORDER[sort], col(Device.id)).limit(limit).offset(offset)
     )
     return list(rows.all()), total
 
@@ -230,13 +238,15 @@ async def get_device(session: AsyncSession, device_id: str) -> Device:
 
 
 async def heartbeats(
-    session: AsyncSession, device_id: str, *, since: datetime | None, limit: int
+    session: AsyncSession, device_id: str, *, since: datetime | None, until: datetime | None, limit: int
 ) -> list[Heartbeat]:
-    """A device's heartbeats, newest first (by ts), optionally since a time."""
+    """A device's heartbeats, newest first (by ts), optionally in [since, until)."""
     await get_device(session, device_id)
     query = select(Heartbeat).where(col(Heartbeat.device_id) == device_id)
     if since is not None:
         query = query.where(col(Heartbeat.ts) >= since)
+    if until is not None:
+        query = query.where(col(Heartbeat.ts) < until)
     rows = await session.exec(
         query.order_by(col(Heartbeat.ts).desc(), col(Heartbeat.seq).desc()).limit(limit)
     )
@@ -320,9 +330,7 @@ async def renew_certificate(
         device.public_key_pem = public_key_to_pem(public_key)
         device.key_fingerprint = fingerprint
         device.key_type = key_type_of(public_key).value
-    issued = await asyncio.to_thread(
-        pki.sign_device_csr, csr, device_id, settings.device_cert_validity
-    )
+    issued = await asyncio.to_thread(pki.sign_device_csr, csr, device_id, settings.device_cert_validity)
     device.cert_serial = issued.serial
     device.cert_not_after = issued.not_after
     device.updated_at = datetime.now(UTC)

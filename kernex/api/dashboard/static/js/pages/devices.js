@@ -95,6 +95,7 @@ export async function render(ctx) {
 
   function show() {
     rows.clear();
+    // The page comes sorted by the API; re-sorting it keeps rows in order as live updates arrive.
     const sorted = [...items].sort(SORTS[sort.value] || SORTS.name);
     summary.textContent = total
       ? `${total} device${total === 1 ? "" : "s"}${total > PAGE ? `, showing ${offset + 1}–${Math.min(offset + PAGE, total)}` : ""}`
@@ -150,7 +151,7 @@ export async function render(ctx) {
   async function load() {
     try {
       const page = await api("GET", "/api/v1/devices", {
-        params: { status: status.value, state: state.value, q: search.value.trim(), limit: PAGE, offset },
+        params: { status: status.value, state: state.value, q: search.value.trim(), sort: sort.value, limit: PAGE, offset },
       });
       if (ctx.stale()) return;
       items = page.items;
@@ -184,7 +185,8 @@ export async function render(ctx) {
     "input",
     debounce(() => go(0), 300),
   );
-  sort.addEventListener("change", () => go(offset));
+  // The API sorts the whole list, so a new order starts again at its first page.
+  sort.addEventListener("change", () => go(0));
 
   ctx.on("refresh", reload);
   ctx.on("devices", (data) => {
