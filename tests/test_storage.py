@@ -21,12 +21,14 @@ from sqlmodel import SQLModel
 from kernex.storage import models
 from kernex.storage.database import create_engine, session_factory
 from kernex.storage.dump import schema_revision
-from kernex.storage.migrate import alembic_config, downgrade, upgrade
+from kernex.storage.migrate import alembic_config, downgrade, include_name, upgrade
 from tests.fixtures.platform import KERNEX
 
 
 def _diff(connection: sa.Connection) -> list[object]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "include_name": include_name}
+    )
     return list(compare_metadata(context, SQLModel.metadata))
 
 

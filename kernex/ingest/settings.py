@@ -45,6 +45,9 @@ class IngestSettings(StorageSettings, BrokerSettings):
     # How often each worker looks for revocations to announce on the fleet topics (status
     # "revoked"): one indexed query that finds nothing almost always.
     revocation_poll_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    # Heartbeats older than this many days are removed (whole daily partitions on PostgreSQL,
+    # kernex.storage.partitions); 0 keeps them forever. Devices' latest state is kept regardless.
+    heartbeat_retention_days: int = Field(default=30, ge=0, le=36_500)
     # Prometheus /metrics; 0 disables the HTTP server.
     metrics_port: int = Field(default=9101, ge=0, le=65_535)
     metrics_host: str = "127.0.0.1"

@@ -50,6 +50,7 @@ from kernex.ingest.fleet import queue as queue_fleet
 from kernex.ingest.inbox import Inbox, Incoming
 from kernex.ingest.keys import KeyCache
 from kernex.ingest.metrics import IngestMetrics, Outcome
+from kernex.ingest.retention import run_retention
 from kernex.ingest.revocations import RevocationAnnouncer
 from kernex.ingest.settings import IngestSettings
 from kernex.ingest.verifier import (
@@ -164,6 +165,7 @@ class IngestWorker:
         self._client: Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self._entered = False
         self._stopping = False
         self._rejections = _RejectionLog()
@@ -193,6 +195,9 @@ class IngestWorker:
             await self._close_resources()
             raise
         self._runner = asyncio.create_task(self._run(), name=f"ingest-{self.settings.client_id}")
+        self._retention = asyncio.create_task(
+            run_retention(self.engine, self.settings.heartbeat_retention_days), name="ingest-retention"
+        )
         log.info(
             "ingest worker started",
             client_id=self.settings.client_id,
@@ -214,6 +219,10 @@ class IngestWorker:
             return
         self._stopping = True
         self._inbox.close()
+        if self._retention is not None:
+            self._retention.cancel()
+            # Cancelled on purpose: it ends with CancelledError and nothing else to report.
+            await asyncio.wait({self._retention})
         try:
             if self._runner is not None:
                 # Awaited, not shielded: a second cancellation (a second Ctrl-C) abandons the

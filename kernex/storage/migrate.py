@@ -9,8 +9,14 @@ from alembic import command
 from alembic.config import Config
 
 from kernex.storage.exceptions import MigrationError
+from kernex.storage.partitions import is_partition
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def include_name(name: str | None, type_: str, _parent_names: object) -> bool:
+    """Alembic's comparison filter: heartbeat partitions are created at run time, not modelled."""
+    return not (type_ == "table" and name is not None and is_partition(name))
 
 
 def alembic_config(database_url: str) -> Config:

@@ -46,6 +46,9 @@ class Device(SQLModel, table=True):
     """A registered device and its latest reported state (decided by seq, never arrival)."""
 
     __tablename__ = "devices"
+    # The device list's order (newest registrations first, id as tie-break): a page is an index
+    # range read, not a sort of the whole fleet (tests/test_storage_partitions.py checks).
+    __table_args__ = (sa.Index("ix_devices_registered_at_id", "registered_at", "id"),)
 
     id: str = Field(primary_key=True, max_length=64)
     name: str | None = Field(default=None, max_length=128, index=True)

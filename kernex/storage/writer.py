@@ -341,10 +341,14 @@ async def _copy_insert(
     # A session temp table, emptied at each commit: created once per pooled connection.
     await driver.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS")
     await driver.copy_records_to_table(stage, records=records, columns=list(columns))
+    # heartbeats is partitioned by ts (kernex.storage.partitions): its unique key is (device_id,
+    # seq, ts), so a row sharing (device_id, seq) but not ts is refused by NOT EXISTS. That check
+    # is race-free because every batch holds its devices' row locks (_lock_devices) by now.
     status = await driver.execute(
         f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} s "  # noqa: S608 - identifiers are module constants
         "WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = s.device_id) "
-        "ON CONFLICT (device_id, seq) DO NOTHING"
+        f"AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.device_id = s.device_id AND t.seq = s.seq) "
+        "ON CONFLICT DO NOTHING"
     )
     # The command tag is "INSERT 0 <rows>".
     return int(str(status).rsplit(" ", 1)[-1])

@@ -11,6 +11,7 @@ from sqlmodel import SQLModel
 
 from kernex.storage import models
 from kernex.storage.database import create_engine
+from kernex.storage.migrate import include_name
 
 target_metadata = SQLModel.metadata
 # `kernex db upgrade` runs on every start, possibly in several processes at once: on PostgreSQL
@@ -27,6 +28,7 @@ def _run(connection: Connection) -> None:
         # SQLite cannot ALTER most things in place: batch mode recreates tables.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=include_name,
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
