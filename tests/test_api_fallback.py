@@ -63,7 +63,7 @@ async def test_heartbeat_is_stored_once_and_answers_with_outstanding_commands(au
 
     first = await _post(api, key, device_id, signed_heartbeat(key, device_id, 5, config_version=None))
     assert first.status_code == 200, first.text
-    assert first.json() == {"accepted": True, "stored": True, "commands": []}
+    assert first.json() == {"accepted": True, "stored": True, "commands": [], "command_key_set": None}
     again = await _post(api, key, device_id, signed_heartbeat(key, device_id, 5, config_version=None))
     assert again.json()["stored"] is False
     async with engine_scope(api.database_url) as engine, engine.connect() as conn:

@@ -44,6 +44,7 @@ from tests.fixtures.broker import (
     TEST_PKI_PASSPHRASE,
     DeviceIdentity,
     RunningBroker,
+    free_port,
     next_message,
     publish,
     subscribe,
@@ -190,8 +191,11 @@ async def fleet(sqlite_url: str, tmp_path: Path, broker: RunningBroker) -> Async
         yield opened
 
 
-async def _enrol(fleet: Fleet) -> tuple[DeviceIdentity, Path]:
-    """A registered device whose agent state is what registration leaves (the first key pinned)."""
+async def _enrol(fleet: Fleet, mqtt_port: int | None = None) -> tuple[DeviceIdentity, Path]:
+    """A registered device whose agent state is what registration leaves (the first key pinned).
+
+    mqtt_port: where the device is told the broker is (a dead port: it falls back to HTTP).
+    """
     device = await fleet.device()
     state_dir = device.cert_path.parent
     registration = (await fleet.api.client.get("/api/v1/command-keys", headers=fleet.viewer)).json()
@@ -204,7 +208,9 @@ async def _enrol(fleet: Fleet) -> tuple[DeviceIdentity, Path]:
             certificate=device.cert_path.read_text(),
             ca_certificate=fleet.broker.pki.ca_certificate_pem,
             mqtt=MqttEndpoint(
-                host=fleet.broker.host, port=fleet.broker.port, topic_prefix=fleet.broker.topics.prefix
+                host=fleet.broker.host,
+                port=mqtt_port or fleet.broker.port,
+                topic_prefix=fleet.broker.topics.prefix,
             ),
             command_keys=[
                 CommandKey(kid=k["kid"], alg=k["alg"], public_key_pem=k["public_key_pem"])
@@ -217,14 +223,21 @@ async def _enrol(fleet: Fleet) -> tuple[DeviceIdentity, Path]:
     return device, state_dir
 
 
-def _agent(state_dir: Path) -> Agent:
+def _agent(state_dir: Path, fleet: Fleet | None = None) -> Agent:
+    """An agent on MQTT only; with `fleet`, one that falls back to the fleet's API over HTTP."""
     settings = AgentSettings(
         state_dir=state_dir,
-        api_url="http://127.0.0.1:9",  # never called: no fallback, the certificate is fresh
-        heartbeat_interval_s=60,
-        fallback_after_s=0,
+        # Without a fleet, never called: no fallback, and the certificate is fresh.
+        api_url=str(fleet.api.client.base_url) if fleet else "http://127.0.0.1:9",
+        heartbeat_interval_s=1 if fleet else 60,
+        fallback_after_s=1 if fleet else 0,
     )
-    return Agent(settings, reconnect_backoff=Backoff(initial_s=0.2, max_s=1.0))
+    return Agent(
+        settings,
+        http=fleet.api.client if fleet else None,
+        reconnect_backoff=Backoff(initial_s=0.2, max_s=1.0),
+        fallback_backoff=Backoff(initial_s=0.2, max_s=1.0),
+    )
 
 
 @asynccontextmanager
@@ -404,3 +417,19 @@ def test_a_backup_keeps_the_rotated_ring_and_a_restore_brings_it_back(
     assert back.private_key(added.kid).public_key().public_numbers() == (  # type: ignore[union-attr]  # EC keys
         load_public_key_pem(added.public_key_pem).public_numbers()  # type: ignore[union-attr]  # EC keys
     )
+
+
+async def test_a_device_on_the_http_fallback_takes_up_the_key_set_from_the_heartbeat_answer(
+    fleet: Fleet,
+) -> None:
+    device, state_dir = await _enrol(fleet, mqtt_port=free_port())  # nothing listens there
+    await _rotate(fleet)
+    await _configure(fleet, device, 17)
+    agent = _agent(state_dir, fleet)
+    async with running(agent):
+        await _until(lambda: agent.live.heartbeat_interval_s == 17, "the config applied over HTTP")
+        assert agent.stats.sent_over_http > 0
+        assert not agent.stats.connected
+        handler = agent._commands
+        assert handler is not None
+        assert handler.key_set_version == 1

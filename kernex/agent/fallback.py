@@ -56,6 +56,7 @@ class _HeartbeatAnswer(BaseModel):
 
     stored: bool = True
     commands: list[str] = []
+    command_key_set: str | None = None  # absent from older servers and before any rotation
 
 
 class _Result(Enum):
@@ -206,6 +207,9 @@ class HttpFallback:
         except ValidationError as exc:
             log.warning("HTTP fallback: the heartbeat's answer is malformed", errors=exc.error_count())
             return
+        if answer.command_key_set:
+            # First: the commands may be signed by a key only this set introduces.
+            self._commands.submit_key_set(answer.command_key_set.encode("utf-8"), Source.HTTP)
         for token in answer.commands:
             self._commands.submit(None, token.encode("utf-8"), Source.HTTP)
 

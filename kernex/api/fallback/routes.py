@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from kernex.api.auth.deps import DeviceDep
+from kernex.api.commands.runtime import CommandsDep
 from kernex.api.deps import SessionDep, StateDep
 from kernex.api.errors import ForbiddenError
 from kernex.api.fallback import service
@@ -63,7 +64,12 @@ def _own(caller: str, device_id: str) -> None:
     responses=_RESPONSES,
 )
 async def post_heartbeat(
-    device_id: str, request: Request, session: SessionDep, state: StateDep, caller: DeviceDep
+    device_id: str,
+    request: Request,
+    session: SessionDep,
+    state: StateDep,
+    runtime: CommandsDep,
+    caller: DeviceDep,
 ) -> HeartbeatAccepted:
     """Store a signed heartbeat (once per seq) and answer with the device's outstanding signed commands."""
     _own(caller, device_id)
@@ -79,7 +85,10 @@ async def post_heartbeat(
     )
     await service.republish(state.broker, Topics(state.settings.topic_prefix), received.fleet)
     return HeartbeatAccepted(
-        stored=received.stored, commands=await service.outstanding_commands(session, device_id)
+        stored=received.stored,
+        commands=await service.outstanding_commands(session, device_id),
+        # A device without MQTT never sees the retained key set: it rides along here.
+        command_key_set=runtime.keys.ring.token,
     )
 
 

@@ -15,6 +15,12 @@ class HeartbeatAccepted(BaseModel):
         "command unless that deployment is over for it, its current config command unless it "
         "reported applying that version. Verify each like a retained MQTT command."
     )
+    command_key_set: str | None = Field(
+        default=None,
+        description="The fleet's signed command key set (compact JWS), as retained on "
+        "{prefix}/control/command-keys; null before the first rotation. Take it up (when newer "
+        "than the pinned one) before verifying the commands.",
+    )
 
 
 class EventAccepted(BaseModel):
