@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from kernex.api.rollouts import plan
+from kernex.api.rollouts.schemas import MaintenanceWindow, Phase
 from kernex.protocol.topics import CommandKind
 from kernex.storage.models import AuditEntry, Device, DeviceCommand
 from tests.fixtures.broker import DeviceIdentity, RunningBroker
@@ -392,3 +394,58 @@ async def test_other_refusals(pg_fleet: Fleet) -> None:
     )
     assert busy.json()["busy"] == [device.device_id]
     assert busy.json()["phases"][0]["devices"] == []
+
+
+@pytest.mark.parametrize(
+    ("phases", "selected", "expected"),
+    [
+        # 1 % of 20 rounds up to one device; 10 % to 2 in all; 50 % to 10; 100 % takes the rest.
+        ([1, 10, 50, 100], 20, [1, 1, 8, 10]),
+        # 10 % of 30 is exactly 3, not 4 (float rounding).
+        ([10, 100], 30, [3, 27]),
+        # Batches, then the rest by percentage; a batch larger than what is left takes what is left.
+        ([{"devices": 2}, {"devices": 50}, 100], 10, [2, 8, 0]),
+        ([{"devices": 3}, 50, 100], 10, [3, 2, 5]),
+        # A percentage already covered by earlier batches starts nobody.
+        ([{"devices": 6}, 50, 100], 10, [6, 0, 4]),
+    ],
+)
+def test_phase_sizes(phases: list[Any], selected: int, expected: list[int]) -> None:
+    steps = [Phase(percent=p) if isinstance(p, int) else Phase(**p) for p in phases]
+    ids = [f"d{n:03d}" for n in range(selected)]
+    planned = plan.preview(steps, selected=ids, busy=set())
+    assert [len(p) for p in planned] == expected
+    flat = [d for p in planned for d in p]
+    assert len(flat) == len(set(flat)), "no device in two phases"
+
+
+def test_busy_devices_are_skipped_and_new_devices_join_later_phases() -> None:
+    ids = [f"d{n}" for n in range(10)]
+    first = plan.pick(Phase(percent=20), selected=ids, covered=[], busy={"d0"})
+    assert first == ["d1", "d2"]
+    # Two devices joined the selection since: 100 % covers them too.
+    rest = plan.pick(Phase(percent=100), selected=[*ids, "e1", "e2"], covered=first, busy=set())
+    assert rest == [d for d in sorted([*ids, "e1", "e2"]) if d not in first]
+
+
+@pytest.mark.parametrize(
+    ("window", "now", "closes"),
+    [
+        ({"start": "02:00", "end": "04:00"}, "2026-11-30T03:00:00", "2026-11-30T04:00:00"),
+        ({"start": "02:00", "end": "04:00"}, "2026-11-30T04:00:00", None),  # the end is outside
+        ({"start": "02:00", "end": "04:00"}, "2026-11-30T01:59:59", None),
+        # Past midnight: opened the day before.
+        ({"start": "22:00", "end": "02:00"}, "2026-11-30T01:00:00", "2026-11-30T02:00:00"),
+        ({"start": "22:00", "end": "02:00"}, "2026-11-30T23:00:00", "2026-12-01T02:00:00"),
+        # Weekdays are the days it opens on: 2026-11-30 is a Monday (0).
+        ({"start": "22:00", "end": "02:00", "weekdays": [6]}, "2026-11-30T01:00:00", "2026-11-30T02:00:00"),
+        ({"start": "22:00", "end": "02:00", "weekdays": [6]}, "2026-11-30T23:00:00", None),
+        # An offset is converted to UTC: 03:00+02:00 is 01:00 UTC.
+        ({"start": "03:00+02:00", "end": "04:00+02:00"}, "2026-11-30T01:30:00", "2026-11-30T02:00:00"),
+    ],
+)
+def test_maintenance_window(window: dict[str, Any], now: str, closes: str | None) -> None:
+    parsed = MaintenanceWindow.model_validate(window)
+    at = datetime.fromisoformat(now).replace(tzinfo=UTC)
+    expected = datetime.fromisoformat(closes).replace(tzinfo=UTC) if closes else None
+    assert parsed.closes_at(at) == expected
