@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from kernex.api.rollouts import plan
 from kernex.api.rollouts.schemas import MaintenanceWindow, Phase
 from kernex.protocol.topics import CommandKind
-from kernex.storage.models import AuditEntry, Device, DeviceCommand
+from kernex.storage.models import AuditEntry, Device, DeviceCommand, Rollout
 from tests.fixtures.broker import DeviceIdentity, RunningBroker
 from tests.fixtures.fleet import Fleet, open_fleet, wait_until
 
@@ -449,3 +449,19 @@ def test_maintenance_window(window: dict[str, Any], now: str, closes: str | None
     at = datetime.fromisoformat(now).replace(tzinfo=UTC)
     expected = datetime.fromisoformat(closes).replace(tzinfo=UTC) if closes else None
     assert parsed.closes_at(at) == expected
+
+
+async def test_a_broken_rollout_does_not_stop_the_others(pg_fleet: Fleet) -> None:
+    fleet = pg_fleet
+    broken_device, good_device = await fleet.device(tags=["broken"]), await fleet.device(tags=["good"])
+    bundle = await fleet.bundle("1.0.0")
+    strategy = {"phases": [{"percent": 100}]}
+    broken = await _create(fleet, {"bundle_id": bundle["id"], "tags": ["broken"], "rollout": strategy})
+    # A fault: the stored strategy no longer validates, so every step of that rollout raises.
+    async with fleet.engine.begin() as conn:
+        await conn.execute(
+            sa.update(Rollout).where(Rollout.deployment_id == broken["id"]).values(strategy={"phases": "?"})  # type: ignore[arg-type]  # SQLModel column
+        )
+    good = await _create(fleet, {"bundle_id": bundle["id"], "tags": ["good"], "rollout": strategy})
+    await _succeed(fleet, [broken_device, good_device])
+    await _until(fleet, good["id"], "the healthy rollout completes", lambda r: r["state"] == "completed")

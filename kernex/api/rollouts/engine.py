@@ -110,13 +110,22 @@ class RolloutEngine:
             self._wake.clear()
             try:
                 for deployment_id in await self._due():
-                    await self.step(deployment_id)
+                    await self._step_guarded(deployment_id)
             except (OSError, sa.exc.SQLAlchemyError) as exc:
                 log.warning(
                     "rollout pass skipped: database unavailable", error=f"{type(exc).__name__}: {exc}"
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+
+    async def _step_guarded(self, deployment_id: str) -> None:
+        try:
+            await self.step(deployment_id)
+        except (OSError, sa.exc.SQLAlchemyError):
+            raise  # the database is down: the whole pass waits
+        # A bug in one rollout's step is logged with its traceback; it must not stop every other rollout.
+        except Exception:
+            log.exception("rollout step failed", deployment_id=deployment_id)
 
     async def _due(self) -> list[str]:
         async with self._sessions() as session:
