@@ -12,6 +12,7 @@ the host's real hardware. A config command's log level applies to the whole proc
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,10 @@ DEFAULT_NAME_PREFIX = "sim"
 SIMULATED_DEVICE_TYPE = "simulated"  # matches bundles for "*" (or "simulated"), not the host's machine
 # Registration bursts reuse a bounded pool instead of opening a socket per simulated device.
 HTTP_MAX_CONNECTIONS = 50
+# Every device's state writes are durable (fsync) and go through asyncio.to_thread; the default
+# pool (CPU count + 4 threads) made thousands of devices queue behind a few slow fsyncs, so
+# their heartbeats came out in bursts (benchmarks/fleet.py). The threads mostly wait on the disk.
+FILE_IO_THREADS = 64
 
 log = get_logger(__name__)
 
@@ -67,6 +72,8 @@ class Simulator:
     async def run(self) -> None:
         """Run every device until cancelled; raises the first error if every device stopped on one."""
         base = self.settings.state_dir
+        executor = ThreadPoolExecutor(max_workers=FILE_IO_THREADS, thread_name_prefix="simulator-io")
+        asyncio.get_running_loop().set_default_executor(executor)
         await asyncio.to_thread(ensure_private_dir, base)
         telemetry = Telemetry(base)
         limits = httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS)
