@@ -48,6 +48,7 @@ from kernex.agent.bundles.scripts import (
     ScriptResult,
     run_script,
     script_environment,
+    stop_leftover_script,
 )
 from kernex.agent.bundles.verify import check_archive_hash, check_manifest, check_signature, release_keys_from
 from kernex.agent.files import write_atomic
@@ -395,6 +396,8 @@ class BundleInstaller:
         if pending is None:
             return None
         log.warning("an install was interrupted: rolling it back", version=pending.version)
+        # First the interrupted script, if it outlived the agent: it must not race the rollback.
+        await stop_leftover_script(self.paths.script_pid_file, self._script_grace_s)
         run = _Run(pending.deployment_id or "", pending.bundle_id, pending.version, self._progress)
         run.stage = Stage.INSTALLING
         manifest = await asyncio.to_thread(self._stored_manifest, pending.version)
@@ -434,6 +437,7 @@ class BundleInstaller:
             cwd=version_dir,
             env=env,
             grace_s=self._script_grace_s,
+            pid_file=self.paths.script_pid_file,
         )
         run.scripts.append(result)
         return result

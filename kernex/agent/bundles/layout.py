@@ -38,6 +38,7 @@ STAGING_DIR = "staging"
 VERSIONS_DIR = "versions"
 CURRENT_LINK = "current"
 INSTALLED_FILE = "installed.json"
+SCRIPT_PID_FILE = "script.pid"  # the running script's pid and start time (kernex.agent.bundles.scripts)
 EXTRACT_PREFIX = "extract-"  # staging/extract-<uuid>/: a version being unpacked
 TRASH_PREFIX = "trash-"  # staging/trash-<uuid>/: a version dir on its way out
 LINK_TMP_PREFIX = ".current."  # bundles/.current.<uuid>.tmp: the link before it is renamed into place
@@ -99,6 +100,11 @@ class BundlePaths:
     def installed_file(self) -> Path:
         """The installed.json record."""
         return self.root / INSTALLED_FILE
+
+    @property
+    def script_pid_file(self) -> Path:
+        """Names the script running right now, so a restarted agent can stop an orphaned one."""
+        return self.root / SCRIPT_PID_FILE
 
     def version_dir(self, version: str) -> Path:
         """The directory of a complete version (semver strings are safe directory names)."""

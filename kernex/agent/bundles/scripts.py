@@ -6,6 +6,11 @@ bounded tail. On timeout the group gets SIGTERM, then SIGKILL after a grace peri
 script exits, whatever it left running in its process group is killed: a script's work ends
 when it exits, and a straggler holding the output pipe would otherwise hang the agent. Long-
 running services belong to the init system (`systemctl restart ...`), which is not affected.
+
+While a script runs, its pid and start time are kept in a file (`pid_file`): if the agent is
+killed (kill -9, power cut of the agent's cgroup only), the script's session outlives it, and the
+restarted agent stops that session (`stop_leftover_script`) before rolling the install back,
+so an orphaned install script cannot go on changing a version that is being rolled back.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ OUTPUT_TAIL_BYTES = 64 * 1024  # the end of the output says why a script failed;
 READ_CHUNK_BYTES = 16 * 1024
 TERMINATE_GRACE_S = 5.0  # time to clean up after SIGTERM before SIGKILL
 SCRIPT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # the system's tools only, never the agent's venv
+LEFTOVER_POLL_S = 0.05  # how often a leftover script's exit is checked after SIGTERM
+# proc(5): starttime is field 22; counted from field 3 (the first after the command name), index 19.
+STAT_STARTTIME_INDEX = 19
 
 log = get_logger(__name__)
 
@@ -104,6 +112,7 @@ async def run_script(
     cwd: Path,
     env: Mapping[str, str],
     grace_s: float = TERMINATE_GRACE_S,
+    pid_file: Path | None = None,
 ) -> ScriptResult:
     """Run one script to completion or timeout; never raises for the script's own failures."""
     loop = asyncio.get_running_loop()
@@ -135,6 +144,8 @@ async def run_script(
     reader = asyncio.create_task(_collect(process.stdout, tail), name=f"script-output-{process.pid}")
     timed_out = False
     try:
+        if pid_file is not None:
+            await asyncio.to_thread(_record_pid, pid_file, process.pid)
         try:
             await asyncio.wait_for(process.wait(), timeout=script.timeout_s)
         except TimeoutError:
@@ -147,6 +158,8 @@ async def run_script(
         if process.returncode is None:
             await process.wait()
         await reader
+        if pid_file is not None:
+            await asyncio.to_thread(pid_file.unlink, missing_ok=True)
     output, truncated = tail.text()
     result = ScriptResult(
         phase=phase,
@@ -168,6 +181,53 @@ async def _terminate(process: asyncio.subprocess.Process, grace_s: float) -> Non
         await asyncio.wait_for(process.wait(), timeout=grace_s)
     except TimeoutError:
         _signal_group(process.pid, signal.SIGKILL)
+
+
+async def stop_leftover_script(pid_file: Path, grace_s: float = TERMINATE_GRACE_S) -> bool:
+    """Stop the session of a script a killed agent left running; True if one was stopped.
+
+    The pid file names the script's session leader and its start time: a pid reused since (a
+    reboot, a long downtime) has another start time and is left alone.
+    """
+    try:
+        pid_text, _, started_text = (await asyncio.to_thread(pid_file.read_text)).partition(" ")
+        pid, started = int(pid_text), int(started_text)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        log.warning("unreadable script pid file; ignoring it", path=str(pid_file), error=str(exc))
+        await asyncio.to_thread(pid_file.unlink, missing_ok=True)
+        return False
+    stopped = False
+    if _start_ticks(pid) == started:
+        log.warning("stopping a script the agent left running when it stopped", pid=pid)
+        _signal_group(pid, signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + grace_s
+        # Not our child (its parent died): no wait() or event exists for it, only /proc to poll.
+        while _start_ticks(pid) == started and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - see above
+            await asyncio.sleep(LEFTOVER_POLL_S)
+        _signal_group(pid, signal.SIGKILL)
+        stopped = True
+    await asyncio.to_thread(pid_file.unlink, missing_ok=True)
+    return stopped
+
+
+def _record_pid(pid_file: Path, pid: int) -> None:
+    pid_file.write_text(f"{pid} {_start_ticks(pid)}\n", encoding="ascii")
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after the last ")".
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return int(fields[STAT_STARTTIME_INDEX])
+    except (IndexError, ValueError):
+        return None
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
