@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 
+from kernex.api.fleet_metrics import FleetGauges
 from kernex.api.rollouts import plan
 from kernex.api.rollouts.schemas import MaintenanceWindow, Phase
 from kernex.protocol.topics import CommandKind
@@ -199,6 +201,11 @@ async def test_failures_abort_and_revert_updated_devices(pg_fleet: Fleet) -> Non
     assert detail["status"] == "partially_failed"
     listed = await fleet.get("/api/v1/deployments", status="partially_failed")
     assert [d["id"] for d in listed["items"]] == [created["id"]]
+    # Alerting sees it: the API's fleet gauges count rollouts by state.
+    registry = CollectorRegistry()
+    await FleetGauges(registry).refresh(fleet.engine)
+    assert registry.get_sample_value("kernex_rollouts", {"state": "aborted"}) == 1
+    assert registry.get_sample_value("kernex_deployment_targets", {"status": "cancelled"}) is None
 
 
 async def test_failure_share_and_phase_below_threshold(pg_fleet: Fleet) -> None:

@@ -1,5 +1,5 @@
 """Fleet-wide gauges on the API's /metrics: devices by admission and connection state,
-deployment targets and webhook deliveries by status.
+deployment targets and webhook deliveries by status, rollouts by state.
 
 Counted from the database every REFRESH_S by one task per API process; each process reports
 the same figures, so dashboards and alerts aggregate them with max(), not sum().
@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kernex.kit.logs import get_logger
-from kernex.storage.models import DeploymentTarget, Device, WebhookDelivery
+from kernex.storage.models import DeploymentTarget, Device, Rollout, WebhookDelivery
 
 log = get_logger(__name__)
 
@@ -23,6 +23,7 @@ REFRESH_S = 15.0  # the usual Prometheus scrape interval: fresher figures would 
 _DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]  # SQLModel sets it at class creation
 _TARGETS: sa.Table = DeploymentTarget.__table__  # type: ignore[attr-defined]  # as above
 _DELIVERIES: sa.Table = WebhookDelivery.__table__  # type: ignore[attr-defined]  # as above
+_ROLLOUTS: sa.Table = Rollout.__table__  # type: ignore[attr-defined]  # as above
 
 
 class FleetGauges:
@@ -47,6 +48,12 @@ class FleetGauges:
             ["status"],
             registry=registry,
         )
+        self.rollouts = Gauge(
+            "kernex_rollouts",
+            "Phased rollouts by state (running, awaiting_approval, completed, aborted, cancelled).",
+            ["state"],
+            registry=registry,
+        )
 
     async def refresh(self, engine: AsyncEngine) -> None:
         """Count everything once and replace the gauges' values."""
@@ -66,6 +73,9 @@ class FleetGauges:
                     sa.select(_DELIVERIES.c.status, sa.func.count()).group_by(_DELIVERIES.c.status)
                 )
             ).all()
+            rollouts = (
+                await conn.execute(sa.select(_ROLLOUTS.c.state, sa.func.count()).group_by(_ROLLOUTS.c.state))
+            ).all()
         # clear() then set: a combination that disappeared must not keep its last value.
         self.devices.clear()
         for state, status, n in devices:
@@ -76,6 +86,9 @@ class FleetGauges:
         self.deliveries.clear()
         for status, n in deliveries:
             self.deliveries.labels(status=status).set(n)
+        self.rollouts.clear()
+        for state, n in rollouts:
+            self.rollouts.labels(state=state).set(n)
 
     async def run(self, engine: AsyncEngine, interval_s: float = REFRESH_S) -> None:
         """Refresh until cancelled; a failed refresh is logged and the old values kept."""
