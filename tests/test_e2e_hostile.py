@@ -30,9 +30,15 @@ from kernex.protocol.keys import (
     private_key_to_pem,
 )
 from kernex.protocol.messages import format_ts, utc_now
-from kernex.protocol.topics import Topics
+from kernex.protocol.topics import CommandKind, Topics
 from kernex.storage.database import create_engine
-from tests.fixtures.broker import ClientConnectError, close_client, connect_client, publish
+from tests.fixtures.broker import (
+    ClientConnectError,
+    close_client,
+    connect_client,
+    publish,
+    wait_disconnected,
+)
 from tests.fixtures.platform import Platform, run_platform, wait_for
 
 SETTLE_S = 30
@@ -198,3 +204,155 @@ async def test_certificates_not_from_the_fleet_ca_are_refused(platform: Platform
         await asyncio.to_thread(connect_client, endpoint, cert, key, "impostor")
     with pytest.raises(ClientConnectError):
         await asyncio.to_thread(connect_client, endpoint, None, None, "anonymous")
+
+
+def event(device_id: str, seq: int, **overrides: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {
+        "device_id": device_id,
+        "seq": seq,
+        "ts": format_ts(utc_now()),
+        "type": "note",
+        "data": {"text": "genuine"},
+    }
+    claims.update(overrides)
+    return claims
+
+
+def signed_event(claims: dict[str, Any], key: PrivateKey, kid: str) -> bytes:
+    return jws.sign_claims(claims, key, kid=kid, typ=jws.TYP_EVENT).encode()
+
+
+async def stored_event_seqs(database_url: str, device_id: str) -> list[int]:
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.text("SELECT seq FROM device_events WHERE device_id = :id ORDER BY seq"), {"id": device_id}
+            )
+            return [int(r[0]) for r in rows]
+    finally:
+        await engine.dispose()
+
+
+TEN_MB = 10 * 1024 * 1024  # far over the broker's max_packet_size (256 KiB)
+OVER_INGEST_LIMIT = 200 * 1024  # over ingest's 64 KiB, under the broker's limit: ingest's refusal
+
+
+async def test_hostile_payloads_on_every_device_topic_are_refused_and_counted_by_reason(
+    platform: Platform, tmp_path: Path
+) -> None:
+    alice = await register(platform, tmp_path / "alice")
+    bob = await register(platform, tmp_path / "bob")
+    mallory = generate_private_key(KeyType.ECDSA_P256)
+    pki = FleetPKI.from_settings(BrokerSettings(data_dir=platform.data_dir))
+    endpoint = PlatformBroker("127.0.0.1", platform.mqtt_port, pki)
+    topics = Topics()
+    aid = alice.device_id
+    garbage = [
+        b"\x00\x01\x02 garbage",
+        b"\xff\xfe\xfd not UTF-8",
+        b"[" * 60_000,  # deeper than any parser recurses, within the size limit
+        b'{"status": "online", "ts": 1e999999, "seq": ' + b"9" * 10_000 + b"}",  # huge numbers
+    ]
+    deep_claims = json.dumps(event(aid, 90)).replace(
+        '"data": {', '"data": {"x": ' + "[" * 20_000 + "]" * 20_000 + ", "
+    )
+    # (topic, payload, expected reason) on every device topic.
+    cases: list[tuple[str, bytes, str]] = []
+    for topic in (topics.heartbeat(aid), topics.events(aid), topics.status(aid)):
+        cases += [(topic, payload, "malformed") for payload in garbage]
+        cases.append((topic, b"x" * OVER_INGEST_LIMIT, "too_large"))
+    cases += [
+        # Forged: the right kid, another key.
+        (topics.events(aid), signed_event(event(aid, 2), mallory, aid), "bad_signature"),
+        # Cross-device: alice's own topic and key, claims naming bob.
+        (
+            topics.events(aid),
+            signed_event(event(bob.device_id, 3), alice.key, bob.device_id),
+            "topic_mismatch",
+        ),
+        (topics.events(aid), signed_event(event(bob.device_id, 4), alice.key, aid), "topic_mismatch"),
+        # Signed for real, hostile inside.
+        (
+            topics.events(aid),
+            jws.sign(deep_claims.encode(), alice.key, kid=aid, typ=jws.TYP_EVENT).encode(),
+            "malformed",
+        ),
+        (topics.events(aid), signed_event(event(aid, 10**30), alice.key, aid), "malformed"),
+        (topics.events(aid), signed_event(event(aid, 5, data={"n": "\x00"}), alice.key, aid), "malformed"),
+        # A heartbeat replayed onto the events topic.
+        (topics.events(aid), signed(heartbeat(aid, 6), alice.key, aid), "malformed"),
+        (topics.status(aid), json.dumps({"status": "online", "ts": "9999-99-99"}).encode(), "malformed"),
+        (topics.status(aid), json.dumps({"status": "hacked"}).encode(), "malformed"),
+    ]
+    genuine_event = signed_event(event(aid, 1), alice.key, aid)
+    client = await asyncio.to_thread(connect_client, endpoint, alice.cert_path, alice.key_path, aid)
+    try:
+        for topic, payload, _reason in cases:
+            code = await asyncio.to_thread(publish, client, topic, payload)
+            assert not code.is_failure, (topic, payload[:40], code)
+        for _ in range(2):  # replayed: stored once
+            assert not (
+                await asyncio.to_thread(publish, client, topics.events(aid), genuine_event)
+            ).is_failure
+
+        # Commands come only from the platform: no device may publish one, for another device or itself.
+        for target in (bob.device_id, aid):
+            for kind in CommandKind:
+                refused = await asyncio.to_thread(
+                    publish, client, topics.command(target, kind), signed(heartbeat(aid, 7), alice.key, aid)
+                )
+                assert refused.is_failure, (target, kind)
+                assert "authorized" in str(refused).lower()
+
+        # 10 MB: the broker drops the connection (max_packet_size); nothing reaches ingest.
+        big = await asyncio.to_thread(connect_client, endpoint, alice.cert_path, alice.key_path, f"{aid}-big")
+        try:
+            info = big.publish(topics.heartbeat(aid), b"x" * TEN_MB, qos=1)
+            if info.rc == 0:  # paho sent it: the broker must cut the connection
+                reasons = await asyncio.to_thread(wait_disconnected, big, 30)
+                assert reasons, "the broker kept a client that sent a 10 MB packet"
+        finally:
+            await asyncio.to_thread(close_client, big)
+
+        # The genuine traffic of the same connection still flows.
+        closing = signed(heartbeat(aid, 8), alice.key, aid)
+        assert not (await asyncio.to_thread(publish, client, topics.heartbeat(aid), closing)).is_failure
+    finally:
+        await asyncio.to_thread(close_client, client)
+
+    expected: dict[str, int] = {}
+    for _topic, _payload, reason in cases:
+        expected[reason] = expected.get(reason, 0) + 1
+    per_channel = {
+        channel: sum(topic.endswith(f"/{channel}") for topic, _p, _r in cases)
+        for channel in ("heartbeat", "events", "status")
+    }
+
+    counted: dict[str, float] = {}
+
+    async def all_counted() -> bool:
+        for reason in expected:
+            counted[reason] = await platform.ingest_metric("kernex_ingest_rejected_total", reason=reason)
+        return counted == expected and 8 in await stored_seqs(platform.database_url, aid)
+
+    try:
+        await wait_for(all_counted, SETTLE_S, f"rejections counted by reason: {expected}")
+    except AssertionError as exc:
+        raise AssertionError(f"counted {counted}, expected {expected}") from exc
+    for channel, n in per_channel.items():
+        counted = await platform.ingest_metric(
+            "kernex_ingest_messages_total", channel=channel, outcome="rejected"
+        )
+        assert counted == n, (channel, counted, n)
+    assert await stored_seqs(platform.database_url, aid) == [8]
+    assert await stored_event_seqs(platform.database_url, aid) == [1]
+    assert await stored_seqs(platform.database_url, bob.device_id) == []
+    assert await stored_event_seqs(platform.database_url, bob.device_id) == []
+    assert (
+        await platform.ingest_metric("kernex_ingest_messages_total", channel="events", outcome="duplicate")
+        == 1
+    )
+    # The platform survived all of it.
+    assert platform.proc.poll() is None
+    assert (await platform.get("/readyz")).status_code == 200
