@@ -198,10 +198,16 @@ def main() -> None:
             f"{rss_mb:,.0f} MB RSS ({rss_mb * 1024 / args.devices:,.0f} KB/device); newest stored heartbeat "
             f"{last.newest_age_s or 0:.1f} s old; online {last.online:,}"
         )
+        # Written before the deployment too: its figures survive a deployment that never ends.
+        _save(args.json, results)
         if not args.no_deploy:
             results.update(_deploy(platform, broker.port, api_url, token, args))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
+            _save(args.json, results)
+
+
+def _save(path: Path | None, results: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
 
 
 def _deploy(
