@@ -1,6 +1,6 @@
 """Regenerate the results table in docs/performance.md from fresh benchmark runs.
 
-Run: .venv/bin/python -m benchmarks.report                # runs ingest and fleet, rewrites the table
+Run: .venv/bin/python -m benchmarks.report                # runs ingest, fleet and api; rewrites the table
      .venv/bin/python -m benchmarks.report --no-run       # re-renders from the last JSON results
      .venv/bin/python -m benchmarks.report --fleet-devices 2000 --ingest-devices 1000
 
@@ -114,6 +114,24 @@ def _fleet_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _api_table(data: dict[str, Any]) -> list[str]:
+    r = data["results"]
+    lines = [
+        (
+            f"API (`python -m benchmarks.api --devices {r['devices']} --heartbeats {r['heartbeats']}`), "
+            f"machine: {data['machine']}"
+        ),
+        "",
+        "| endpoint | p50 | p95 | p99 | target p95 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, figures in r["endpoints"].items():
+        target = "—" if "baseline" in name else "< 100 ms"
+        p50, p95, p99 = (_ms(figures[k]) for k in ("p50_s", "p95_s", "p99_s"))
+        lines.append(f"| {name} | {p50} | {p95} | {p99} | {target} |")
+    return lines
+
+
 def _options(args: dict[str, str], names: tuple[str, ...]) -> str:
     return " ".join(f"--{n.replace('_', '-')} {args[n]}" for n in names if n in args)
 
@@ -121,11 +139,11 @@ def _options(args: dict[str, str], names: tuple[str, ...]) -> str:
 def render(results: Path) -> str:
     """The markdown between the markers."""
     parts: list[str] = []
-    ingest, fleet = results / "ingest.json", results / "fleet.json"
-    if ingest.exists():
-        parts += [*_ingest_table(json.loads(ingest.read_text())), ""]
-    if fleet.exists():
-        parts += [*_fleet_table(json.loads(fleet.read_text())), ""]
+    renderers = (("ingest.json", _ingest_table), ("fleet.json", _fleet_table), ("api.json", _api_table))
+    for name, table in renderers:
+        path = results / name
+        if path.exists():
+            parts += [*table(json.loads(path.read_text())), ""]
     return "\n".join(parts)
 
 
@@ -136,11 +154,15 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only re-render the last results")
     parser.add_argument("--ingest-devices", default="1000")
     parser.add_argument("--fleet-devices", default="2000")
+    parser.add_argument("--api-devices", default="100000")
+    parser.add_argument("--api-heartbeats", default="10000000")
     args = parser.parse_args()
     args.results.mkdir(exist_ok=True)
     if not args.no_run:
         _run("benchmarks.ingest", args.results / "ingest.json", "--devices", args.ingest_devices)
         _run("benchmarks.fleet", args.results / "fleet.json", "--devices", args.fleet_devices)
+        api_options = ("--devices", args.api_devices, "--heartbeats", args.api_heartbeats)
+        _run("benchmarks.api", args.results / "api.json", *api_options)
     text = DOC.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{DOC} lacks the results markers")
