@@ -77,7 +77,11 @@ class Simulator:
         await asyncio.to_thread(ensure_private_dir, base)
         telemetry = Telemetry(base)
         limits = httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS)
-        async with httpx.AsyncClient(timeout=self.settings.api_timeout_s, limits=limits) as http:
+        # No pool timeout: a real device has a connection of its own, so a simulated one waits
+        # its turn for the shared pool instead of failing with PoolTimeout and retrying, which
+        # is what a fleet-wide deployment's downloads did (benchmarks/fleet.py).
+        timeout = httpx.Timeout(self.settings.api_timeout_s, pool=None)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
             self.agents = [
                 Agent(self.device_settings(index), http=http, telemetry=telemetry)
                 for index in range(1, self.devices + 1)
