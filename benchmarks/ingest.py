@@ -122,6 +122,7 @@ class Publishers:
             parent, child = SPAWN.Pipe()
             proc = SPAWN.Process(target=publish_process, args=(spec, child), daemon=True)
             proc.start()
+            child.close()  # the child's copy is its own: a child that dies then reads as EOF here
             self._pipes.append(parent)
             self._procs.append(proc)
         for pipe in self._pipes:
@@ -145,7 +146,10 @@ class Publishers:
 def _expect(pipe: Connection, what: str, timeout: float) -> Any:
     if not pipe.poll(timeout):
         raise SystemExit(f"a benchmark process did not report {what!r} within {timeout} s")
-    kind, value = pipe.recv()
+    try:
+        kind, value = pipe.recv()
+    except EOFError:
+        raise SystemExit(f"a benchmark process exited before reporting {what!r}") from None
     if kind == "error":
         raise SystemExit(f"a benchmark process failed: {value}")
     if kind != what:
@@ -220,6 +224,7 @@ def start_subscriber(spec: SubscriberSpec) -> tuple[Connection, multiprocessing.
     parent, child = SPAWN.Pipe()
     proc = SPAWN.Process(target=subscriber_process, args=(spec, child), daemon=True)
     proc.start()
+    child.close()
     _expect(parent, "ready", SUBSCRIBER_READY_S)
     return parent, proc
 
@@ -269,7 +274,8 @@ async def _naive(spec: NaiveSpec, pipe: Connection) -> None:
     await asyncio.wait_for(subscribed.wait(), SUBSCRIBER_READY_S)
     columns = ", ".join(HEARTBEAT_COLUMNS)
     binds = ", ".join(f"${i}" for i in range(1, len(HEARTBEAT_COLUMNS) + 1))
-    insert = f"INSERT INTO heartbeats ({columns}) VALUES ({binds}) ON CONFLICT (device_id, seq) DO NOTHING"
+    # No conflict target: on PostgreSQL heartbeats is partitioned and its key includes ts.
+    insert = f"INSERT INTO heartbeats ({columns}) VALUES ({binds}) ON CONFLICT DO NOTHING"
     started_cpu = time.process_time()
     pipe.send(("ready", None))
     handled = 0
@@ -451,6 +457,7 @@ def measure_naive(platform: Platform, devices: list[DeviceSpec], args: argparse.
         )
         proc = SPAWN.Process(target=naive_process, args=(spec, child), daemon=True)
         proc.start()
+        child.close()
         _expect(parent, "ready", SUBSCRIBER_READY_S)
         publishers = Publishers(
             broker, platform, devices, per_device=args.naive_per_device, processes=args.publishers, rate=None
