@@ -17,7 +17,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from kernex.protocol.commands import Command, ConfigBody, KeySet
-from kernex.protocol.fleet import FleetChannel
+from kernex.protocol.fleet import FleetChannel, rollout_topic
 from kernex.protocol.messages import CommandKey
 from kernex.protocol.topics import Channel, CommandKind, Topics
 from tests.fixtures import asyncapi
@@ -76,6 +76,7 @@ def test_every_kernex_topic_is_documented() -> None:
     asyncapi.channel_for(topics.command_keys())
     for fleet in FleetChannel:
         asyncapi.channel_for(topics.fleet("devices", device, fleet.value))
+    asyncapi.channel_for(rollout_topic(topics, "5b0f2a41c3d84e2f9a6b7c8d9e0f1a2b"))
     with pytest.raises(AssertionError):
         asyncapi.channel_for(f"{topics.prefix}/devices/{device}/secrets")
 

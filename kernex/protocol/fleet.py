@@ -9,6 +9,10 @@ the broker redelivers the device message. Integrators deduplicate heartbeats and
 (device_id, seq), keeping the first copy as the database does, and status changes by
 (device_id, status, ts).
 
+Rollout progress goes to `<prefix>/fleet/rollouts/{deployment_id}` (retained: the last one is
+where the rollout stands), one message per recorded transition, deduplicated by
+(deployment_id, transition_id).
+
 Topics, under `<prefix>/fleet/devices/{device_id}/`:
 - `heartbeat`: every stored heartbeat (metrics, bundle, config version);
 - `status`: a change of the device's connection state (online/offline), as stored;
@@ -102,7 +106,30 @@ class FleetEvent(_Fleet):
 
 FleetMessage = FleetHeartbeat | FleetStatus | FleetEvent
 
+ROLLOUTS_EVENT = "rollouts"  # the webhook event type of rollout progress
 
-def encode(message: FleetMessage) -> bytes:
+
+class FleetRollout(_Fleet):
+    """A rollout step as the platform recorded it, with the deployment's target counts when sent."""
+
+    type: Literal["rollout"] = "rollout"
+    deployment_id: str
+    transition_id: Annotated[int, Field(ge=1)]  # grows with every step of every rollout
+    event: str  # created, phase_started, phase_passed, awaiting_approval, approved, aborted, ...
+    at: AwareDatetime
+    state: str  # the rollout's state after the step: running, awaiting_approval, completed, ...
+    phase: int | None  # the phase the step concerns (0-based), None for the rollout as a whole
+    phases_total: Annotated[int, Field(ge=1)]
+    actor: str
+    reason: str | None  # why it stopped, for an abort or cancel
+    counts: dict[str, int]  # the deployment's targets by status when the message was sent
+
+
+def rollout_topic(topics: Topics, deployment_id: str) -> str:
+    """`<prefix>/fleet/rollouts/{deployment_id}`."""
+    return topics.fleet("rollouts", deployment_id)
+
+
+def encode(message: FleetMessage | FleetRollout) -> bytes:
     """The UTF-8 JSON payload of a fleet message."""
     return message.model_dump_json().encode("utf-8")

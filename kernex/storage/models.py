@@ -273,6 +273,8 @@ class RolloutTransition(SQLModel, table=True):
     actor: str = Field(max_length=128)
     reason: str | None = Field(default=None, sa_type=sa.Text)
     details: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    # When the rollout feed sent it to integrators (kernex.api.rollouts.feed); None until then.
+    published_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
 
 
 class DeviceConfig(SQLModel, table=True):

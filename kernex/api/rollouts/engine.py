@@ -42,10 +42,11 @@ from kernex.api.errors import ApiError, ServiceUnavailableError
 from kernex.api.groups import service as groups
 from kernex.api.rollouts import plan
 from kernex.api.rollouts import service as rollouts
+from kernex.api.rollouts.feed import RolloutFeed
 from kernex.api.rollouts.schemas import RolloutStrategy
 from kernex.api.state import AppState
 from kernex.kit.logs import get_logger
-from kernex.protocol.topics import CommandKind
+from kernex.protocol.topics import CommandKind, Topics
 from kernex.storage.deployments import (
     ACTIVE_ROLLOUT_STATES,
     ACTIVE_TARGET_STATUSES,
@@ -662,13 +663,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.sessions, app.state.commands, app.state.bundles, state.settings.rollout_interval_s
     )
     app.state.rollouts = engine
-    task = asyncio.create_task(engine.run(), name="rollout-engine")
+    feed = RolloutFeed(state.sessions, state.broker, Topics(state.settings.topic_prefix))
+    tasks = [
+        asyncio.create_task(engine.run(), name="rollout-engine"),
+        asyncio.create_task(feed.run(), name="rollout-feed"),
+    ]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def get_engine(request: Request) -> RolloutEngine:

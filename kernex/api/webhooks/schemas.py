@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
-EventType = Literal["heartbeat", "status", "deployments", "config", "events"]
+EventType = Literal["heartbeat", "status", "deployments", "config", "events", "rollouts"]
 
 
 class WebhookCreate(BaseModel):
@@ -16,7 +16,7 @@ class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: AnyHttpUrl
-    event_types: Annotated[list[EventType], Field(min_length=1, max_length=5)]
+    event_types: Annotated[list[EventType], Field(min_length=1, max_length=6)]
 
 
 class WebhookOut(BaseModel):
