@@ -213,6 +213,7 @@ def soak(args: argparse.Namespace) -> Figures:
                 children[f"ingest-{index}"] = child = _spawn(
                     ["ingest"], env, logs_dir / f"ingest-{index}.log"
                 )
+                metrics_urls.append(f"http://{HOST}:{port}/metrics")
                 wait_http(
                     f"http://{HOST}:{port}/metrics",
                     child,
