@@ -49,7 +49,9 @@ async def test_same_key_renews_and_other_devices_cannot(authed_api: AuthedApi) -
 
     other = generate_private_key(KeyType.ECDSA_P256)
     other_id = device_id_for(other.public_key())
-    await api.client.post("/api/v1/devices/register", json={"csr": build_csr(other, other_id)})
+    other_cert = (
+        await api.client.post("/api/v1/devices/register", json={"csr": build_csr(other, other_id)})
+    ).json()["certificate"]
     refused = await api.client.post(
         f"/api/v1/devices/{device_id}/certificate",
         json={"csr": build_csr(other, other_id)},
@@ -64,6 +66,14 @@ async def test_same_key_renews_and_other_devices_cannot(authed_api: AuthedApi) -
     assert operator.status_code == 401
     audit = (await api.client.get("/api/v1/audit", headers=api.headers(Role.ADMIN))).json()["items"]
     assert any(e["action"] == "device.certificate.renew" for e in audit)
+
+    # The certificate before the renewal is still valid for a while: revoking the device must
+    # put it into the CRL too, or the device could connect with it.
+    revoked = await api.client.post(f"/api/v1/devices/{device_id}/revoke", headers=api.headers(Role.ADMIN))
+    assert revoked.status_code == 200, revoked.text
+    in_crl = FleetPKI.from_settings(api.settings).revoked_serials()
+    assert {f"{_serial(first['certificate']):x}", f"{_serial(body['certificate']):x}"} <= in_crl
+    assert f"{_serial(other_cert):x}" not in in_crl, "another device's certificate stays valid"
 
 
 async def test_rotation_rekeys_the_device_and_revokes_the_old_certificate(authed_api: AuthedApi) -> None:

@@ -97,6 +97,18 @@ class Device(SQLModel, table=True):
     revocation_announced_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+class DeviceCertificate(SQLModel, table=True):
+    """A certificate the fleet CA issued to a device: revoking the device revokes every one of
+    them still valid (a renewal leaves the previous certificate valid until it expires)."""
+
+    __tablename__ = "device_certificates"
+
+    serial: str = Field(primary_key=True, max_length=64)  # lowercase hex, as in the CRL
+    device_id: str = Field(max_length=64, foreign_key="devices.id", ondelete="CASCADE", index=True)
+    issued_at: datetime = Field(default_factory=_now, sa_type=UTCDateTime)
+    not_after: datetime = Field(sa_type=UTCDateTime)
+
+
 class Heartbeat(SQLModel, table=True):
     """One verified heartbeat; (device_id, seq) is stored once, so redelivery is idempotent."""
 

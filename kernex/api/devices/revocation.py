@@ -16,6 +16,7 @@ import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from kernex.api.commands import service as commands
@@ -28,7 +29,7 @@ from kernex.broker.integrators import reload_broker
 from kernex.broker.pki import API_IDENTITY, FleetPKI
 from kernex.broker.session import cut_session
 from kernex.kit.logs import get_logger
-from kernex.storage.models import AdmissionState, Device
+from kernex.storage.models import AdmissionState, Device, DeviceCertificate
 
 log = get_logger(__name__)
 
@@ -71,9 +72,22 @@ async def revoke(
 
     errors: list[str] = []
     serial = device.cert_serial
-    if serial is not None:
+    # Every certificate of the device still valid: a renewal leaves the previous one valid until
+    # it expires, and the device could connect with it.
+    serials = list(
+        (
+            await session.exec(
+                select(DeviceCertificate.serial).where(
+                    col(DeviceCertificate.device_id) == device_id, col(DeviceCertificate.not_after) > now
+                )
+            )
+        ).all()
+    )
+    if serial is not None and serial not in serials:
+        serials.append(serial)
+    if serials:
         # Signing the CRL loads the CA key (a KDF over the passphrase): off the event loop.
-        await asyncio.to_thread(pki.write_crl, [(serial, now)])
+        await asyncio.to_thread(pki.write_crl, [(s, now) for s in serials])
     pid: int | None = None
     try:
         pid = await asyncio.to_thread(reload_broker, settings.resolved_broker_dir)

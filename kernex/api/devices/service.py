@@ -25,7 +25,7 @@ from kernex.api.devices.schemas import (
 from kernex.api.errors import ConflictError, ForbiddenError, NotFoundError
 from kernex.api.settings import ApiSettings
 from kernex.broker.command_keys import CommandKeyRing
-from kernex.broker.pki import FleetPKI
+from kernex.broker.pki import FleetPKI, IssuedCertificate
 from kernex.kit.logs import get_logger
 from kernex.protocol.keys import (
     device_id_for,
@@ -36,7 +36,14 @@ from kernex.protocol.keys import (
 )
 from kernex.protocol.messages import CommandKey, MqttEndpoint, RegistrationRequest, RegistrationResponse
 from kernex.protocol.version import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
-from kernex.storage.models import AdmissionState, ConnectionState, Deployment, Device, Heartbeat
+from kernex.storage.models import (
+    AdmissionState,
+    ConnectionState,
+    Deployment,
+    Device,
+    DeviceCertificate,
+    Heartbeat,
+)
 
 log = get_logger(__name__)
 
@@ -92,6 +99,7 @@ async def register(
                 device.name = admission.name
         device.updated_at = now
     certificate: str | None = None
+    issued: IssuedCertificate | None = None
     if device.state is AdmissionState.ACTIVE:
         # Signing loads the CA key (a KDF over the passphrase): keep it off the event loop.
         issued = await asyncio.to_thread(pki.sign_device_csr, csr, device_id, settings.device_cert_validity)
@@ -99,6 +107,9 @@ async def register(
         device.cert_not_after = issued.not_after
         certificate = issued.pem
     try:
+        if issued is not None:
+            await session.flush()  # the device's row first: its certificate refers to it
+            _keep_certificate(session, device_id, issued)
         await session.commit()
     except sa.exc.IntegrityError:
         # The same key registered concurrently: the other request created it; answer as a re-registration.
@@ -183,6 +194,15 @@ def to_detail(device: Device) -> DeviceDetail:
         **to_out(device).model_dump(),
         public_key_pem=device.public_key_pem,
         key_fingerprint=device.key_fingerprint,
+    )
+
+
+def _keep_certificate(session: AsyncSession, device_id: str, issued: IssuedCertificate) -> None:
+    """Record an issued certificate: a revocation puts every one still valid into the CRL."""
+    session.add(
+        DeviceCertificate(
+            serial=issued.serial, device_id=device_id, issued_at=datetime.now(UTC), not_after=issued.not_after
+        )
     )
 
 
@@ -335,6 +355,7 @@ async def renew_certificate(
     device.cert_not_after = issued.not_after
     device.updated_at = datetime.now(UTC)
     session.add(device)
+    _keep_certificate(session, device_id, issued)
     try:
         await session.commit()
     except sa.exc.IntegrityError:
