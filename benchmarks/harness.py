@@ -80,18 +80,30 @@ def machine() -> str:
 
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU seconds of these processes and their children so far (0 for gone ones)."""
-    total = 0.0
+    return sum(cpu_by_pid(pids).values())
+
+
+def cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    """CPU seconds per process (the given ones and their children) right now."""
+    found: dict[int, float] = {}
     for pid in pids:
         try:
             process = psutil.Process(pid)
-            times = process.cpu_times()
-            total += times.user + times.system
-            for child in process.children(recursive=True):
-                child_times = child.cpu_times()
-                total += child_times.user + child_times.system
+            for each in (process, *process.children(recursive=True)):
+                times = each.cpu_times()
+                found[each.pid] = times.user + times.system
         except psutil.Error:
             continue
-    return total
+    return found
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two cpu_by_pid snapshots by the processes alive at the second.
+
+    Processes that started in between count from zero; ones that ended in between are lost
+    (PostgreSQL backends of short connections), so the figure is a lower bound, never negative.
+    """
+    return sum(max(0.0, cpu - before.get(pid, 0.0)) for pid, cpu in after.items())
 
 
 def postgres_pids() -> list[int]:

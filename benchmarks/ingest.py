@@ -45,7 +45,9 @@ from benchmarks.harness import (
     HOST,
     Broker,
     Platform,
+    cpu_by_pid,
     cpu_seconds,
+    cpu_used,
     free_port,
     machine,
     percentile,
@@ -416,10 +418,10 @@ def measure_ingest(
             broker, platform, devices, per_device=args.per_device, processes=args.publishers, rate=None
         )
         pids = [c.pid for c in children]
-        before = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_seconds(postgres_pids()))
+        before = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_by_pid(postgres_pids()))
         start_at = publishers.start()
         rows, done_at = _wait_rows(platform, expected, args.timeout)
-        after = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_seconds(postgres_pids()))
+        after = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_by_pid(postgres_pids()))
         publishers.results(args.timeout)
         for child in children:
             platform.stop(child)
@@ -434,7 +436,7 @@ def measure_ingest(
         rows / seconds,
         after[0] - before[0],
         after[1] - before[1],
-        after[2] - before[2],
+        cpu_used(before[2], after[2]),
         lost=expected - rows,
     )
 
@@ -462,10 +464,10 @@ def measure_naive(platform: Platform, devices: list[DeviceSpec], args: argparse.
         publishers = Publishers(
             broker, platform, devices, per_device=args.naive_per_device, processes=args.publishers, rate=None
         )
-        before = (cpu_seconds([broker.process.pid]), cpu_seconds(postgres_pids()))
+        before = (cpu_seconds([broker.process.pid]), cpu_by_pid(postgres_pids()))
         start_at = publishers.start()
         handled, _first, last, cpu = _expect(parent, "done", args.timeout + 10)
-        after = (cpu_seconds([broker.process.pid]), cpu_seconds(postgres_pids()))
+        after = (cpu_seconds([broker.process.pid]), cpu_by_pid(postgres_pids()))
         publishers.results(args.timeout)
         proc.join(timeout=10)
     finally:
@@ -478,7 +480,7 @@ def measure_naive(platform: Platform, devices: list[DeviceSpec], args: argparse.
         handled / seconds,
         cpu,
         after[0] - before[0],
-        after[1] - before[1],
+        cpu_used(before[1], after[1]),
         lost=expected - handled,
     )
 
@@ -509,11 +511,11 @@ def measure_latency(
             broker, platform, devices, per_device=per_device, processes=args.publishers, rate=rate
         )
         pids = [c.pid for c in children]
-        before = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_seconds(postgres_pids()))
+        before = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_by_pid(postgres_pids()))
         start_at = publishers.start()
         loads = publishers.results(args.timeout)
         _count, _first, _last, _cpu, arrivals = _expect(pipe, "done", args.timeout)
-        after = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_seconds(postgres_pids()))
+        after = (cpu_seconds(pids), cpu_seconds([broker.process.pid]), cpu_by_pid(postgres_pids()))
         proc.join(timeout=10)
         for child in children:
             platform.stop(child)
@@ -531,7 +533,7 @@ def measure_latency(
         expected / publish_s,
         after[0] - before[0],
         after[1] - before[1],
-        after[2] - before[2],
+        cpu_used(before[2], after[2]),
         lost=expected - len(latencies),
         extra={
             "p50_s": percentile(latencies, 0.50),
