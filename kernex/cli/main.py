@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kernex.cli import agent, agent_ops, backup, broker, bundle, integrations, keys, server, users
+from kernex.cli import agent, agent_ops, backup, broker, bundle, integrations, keys, operate, server, users
 
 app = typer.Typer(
     name="kernex",
@@ -23,6 +23,7 @@ app.add_typer(keys.app, name="keys", help="Rotate the control-plane keys that si
 server.register(app)
 backup.register(app)
 users.register(app)
+operate.register(app)
 
 
 def main() -> None:
