@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -275,15 +276,20 @@ async def heartbeats(
 
 async def stats(session: AsyncSession) -> FleetStats:
     """Fleet counts by connection status, admission state and bundle version."""
-    by_status = dict(
-        (await session.exec(select(Device.status, func.count()).group_by(col(Device.status)))).all()
+    # One scan of the devices table grouped by all three, summed up here: three GROUP BY scans
+    # made this the slowest read at 100,000 devices (benchmarks/api.py).
+    groups = await session.exec(
+        select(Device.status, Device.state, Device.bundle_version, func.count()).group_by(
+            col(Device.status), col(Device.state), col(Device.bundle_version)
+        )
     )
-    by_state = dict(
-        (await session.exec(select(Device.state, func.count()).group_by(col(Device.state)))).all()
-    )
-    versions = await session.exec(
-        select(Device.bundle_version, func.count()).group_by(col(Device.bundle_version))
-    )
+    by_status: Counter[str] = Counter()
+    by_state: Counter[str] = Counter()
+    by_version: Counter[str] = Counter()
+    for status, state, version, count in groups.all():
+        by_status[status] += count
+        by_state[str(state)] += count
+        by_version[version or "none"] += count
     active = (
         await session.exec(
             select(func.count())
@@ -296,8 +302,8 @@ async def stats(session: AsyncSession) -> FleetStats:
         online=by_status.get(ConnectionState.ONLINE, 0),
         offline=by_status.get(ConnectionState.OFFLINE, 0),
         unknown=by_status.get(ConnectionState.UNKNOWN, 0),
-        by_state={str(k): v for k, v in by_state.items()},
-        by_bundle_version={(v or "none"): n for v, n in versions.all()},
+        by_state=dict(by_state),
+        by_bundle_version=dict(by_version),
         active_deployments=active,
     )
 
