@@ -55,6 +55,22 @@ def call(
     return response.json() if response.content else None
 
 
+def request(
+    api: str,
+    token: str,
+    method: str,
+    path: str,
+    *,
+    body: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
+    """`call`, ending the command with the API's one-line reason (exit 1) when it fails."""
+    try:
+        return call(api, token, method, path, body=body, params=params)
+    except ApiCallError as exc:
+        raise fail(exc) from None
+
+
 def _error_text(response: httpx.Response) -> str:
     try:
         error = response.json()["error"]

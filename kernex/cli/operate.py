@@ -13,12 +13,11 @@ from typing import Annotated, Any
 import typer
 
 from kernex.cli.client import (
-    ApiCallError,
     ApiOption,
     JsonOption,
     TokenOption,
-    call,
     fail,
+    request,
     show_json,
     table,
     usage,
@@ -113,16 +112,13 @@ def list_devices(
     as_json: JsonOption = False,
 ) -> None:
     """Devices with their status, version and tags."""
-    try:
-        page = call(
-            api,
-            token,
-            "GET",
-            "/api/v1/devices",
-            params={"status": status, "q": search, "sort": sort, "limit": limit},
-        )
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    page = request(
+        api,
+        token,
+        "GET",
+        "/api/v1/devices",
+        params={"status": status, "q": search, "sort": sort, "limit": limit},
+    )
     if as_json:
         show_json(page)
         return
@@ -149,10 +145,7 @@ def tag_device(
     token: TokenOption,
 ) -> None:
     """Set a device's tags (operators)."""
-    try:
-        device = call(api, token, "PUT", f"/api/v1/devices/{device_id}/tags", body={"tags": tags})
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    device = request(api, token, "PUT", f"/api/v1/devices/{device_id}/tags", body={"tags": tags})
     typer.echo(f"{device['id']}: {','.join(device['tags'])}")
 
 
@@ -192,20 +185,14 @@ def create_group(
         body["filter"] = filter_
     else:
         body["device_ids"] = device
-    try:
-        group = call(api, token, "POST", "/api/v1/groups", body=body)
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    group = request(api, token, "POST", "/api/v1/groups", body=body)
     typer.echo(f"{group['id']}  {group['name']}  {group['kind']}  {group['size']} devices")
 
 
 @groups_app.command("list")
 def list_groups(api: ApiOption, token: TokenOption, as_json: JsonOption = False) -> None:
     """Groups and how many devices each holds now."""
-    try:
-        page = call(api, token, "GET", "/api/v1/groups", params={"limit": 500})
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    page = request(api, token, "GET", "/api/v1/groups", params={"limit": 500})
     if as_json:
         show_json(page)
         return
@@ -265,14 +252,8 @@ def create_deployment(
         )
     except ValueError as exc:
         raise usage(exc) from None
-    try:
-        if dry_run:
-            preview = call(api, token, "POST", "/api/v1/deployments/preview", body=body)
-        else:
-            created = call(api, token, "POST", "/api/v1/deployments", body=body)
-    except ApiCallError as exc:
-        raise fail(exc) from None
     if dry_run:
+        preview = request(api, token, "POST", "/api/v1/deployments/preview", body=body)
         if as_json:
             show_json(preview)
             return
@@ -282,6 +263,7 @@ def create_deployment(
                 f"phase {phase['index'] + 1}: {len(phase['devices'])} devices  {' '.join(phase['devices'])}"
             )
         return
+    created = request(api, token, "POST", "/api/v1/deployments", body=body)
     if as_json:
         show_json(created)
         return
@@ -298,10 +280,7 @@ def list_deployments(
     as_json: JsonOption = False,
 ) -> None:
     """Deployments, newest first, with their status and counts."""
-    try:
-        page = call(api, token, "GET", "/api/v1/deployments", params={"limit": limit})
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    page = request(api, token, "GET", "/api/v1/deployments", params={"limit": limit})
     if as_json:
         show_json(page)
         return
@@ -323,15 +302,12 @@ def show_deployment(
     deployment_id: str, api: ApiOption, token: TokenOption, as_json: JsonOption = False
 ) -> None:
     """A deployment's status and, for a rollout, each phase and why it stopped."""
-    try:
-        deployment = call(api, token, "GET", f"/api/v1/deployments/{deployment_id}")
-        rollout = (
-            call(api, token, "GET", f"/api/v1/deployments/{deployment_id}/rollout")
-            if deployment.get("rollout")
-            else None
-        )
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    deployment = request(api, token, "GET", f"/api/v1/deployments/{deployment_id}")
+    rollout = (
+        request(api, token, "GET", f"/api/v1/deployments/{deployment_id}/rollout")
+        if deployment.get("rollout")
+        else None
+    )
     if as_json:
         show_json({"deployment": deployment, "rollout": rollout})
         return
@@ -362,10 +338,7 @@ def show_deployment(
 @deployments_app.command("approve")
 def approve(deployment_id: str, api: ApiOption, token: TokenOption) -> None:
     """Let a rollout awaiting approval go on to its next phase."""
-    try:
-        rollout = call(api, token, "POST", f"/api/v1/deployments/{deployment_id}/approve")
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    rollout = request(api, token, "POST", f"/api/v1/deployments/{deployment_id}/approve")
     typer.echo(
         f"{deployment_id}: {rollout['state']}, phase {rollout['phase'] + 1} of {rollout['phases_total']}"
     )
@@ -374,10 +347,7 @@ def approve(deployment_id: str, api: ApiOption, token: TokenOption) -> None:
 @deployments_app.command("cancel")
 def cancel(deployment_id: str, api: ApiOption, token: TokenOption) -> None:
     """Cancel a deployment (and stop its rollout): devices not started yet are not updated."""
-    try:
-        deployment = call(api, token, "POST", f"/api/v1/deployments/{deployment_id}/cancel")
-    except ApiCallError as exc:
-        raise fail(exc) from None
+    deployment = request(api, token, "POST", f"/api/v1/deployments/{deployment_id}/cancel")
     typer.echo(f"{deployment_id}: {deployment['status']}")
 
 
