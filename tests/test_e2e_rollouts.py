@@ -250,12 +250,9 @@ async def _dashboard_walk(platform: Platform, browser: Browser, tmp_path: Path) 
         return bool(page["total"] == 3)
 
     await wait_for(all_online, SETTLE_S, "three simulated devices online", log=platform)
-    bundle = upload_bundle(platform, tmp_path, "1.0.0")
+    upload_bundle(platform, tmp_path, "1.0.0")
     strategy = {"phases": [{"name": "canary", "devices": 1}, {"percent": 100}], "require_approval": True}
     devices = (await api.call("GET", "/api/v1/devices"))["items"]
-    body = {"bundle_id": bundle, "device_ids": [d["id"] for d in devices], "rollout": strategy}
-    created = await api.call("POST", "/api/v1/deployments", json=body, expect=201)
-    await _until(api, created["id"], "the canary passed", lambda r: r["state"] == "awaiting_approval")
 
     context = await browser.new_context(viewport={"width": 1280, "height": 900})
     page = await context.new_page()
@@ -265,13 +262,29 @@ async def _dashboard_walk(platform: Platform, browser: Browser, tmp_path: Path) 
     await page.get_by_label("Password").fill(ADMIN_PASSWORD)
     await page.get_by_role("button", name="Sign in").click()
     await expect(page.get_by_role("heading", name="Fleet overview")).to_be_visible()
-    await page.goto(f"{platform.api_url}/ui/#/deployments/{created['id']}")
+
+    # The rollout is created in the dashboard's form: a canary of one device, then the rest.
+    await page.goto(f"{platform.api_url}/ui/#/deployments/new")
+    await page.get_by_role("button", name="Select all shown").click()
+    await page.get_by_label("Phases", exact=True).fill("1, 10 percent")
+    await page.get_by_role("button", name="Deploy").click()
+    await expect(page.get_by_role("alert")).to_contain_text("a percentage (10%) or a number of devices")
+    await page.get_by_label("Phases", exact=True).fill("1, 100%")
+    await page.get_by_label("Wait for my approval between phases").check()
+    await page.get_by_role("button", name="Deploy").click()
+    await page.wait_for_url(lambda url: "#/deployments/" in url and not url.endswith("/new"))
+    created = {"id": page.url.rsplit("/", 1)[1]}
+    assert created["id"] != "new"
+    made = await api.call("GET", f"/api/v1/deployments/{created['id']}/rollout")
+    assert [(p["devices"], p["percent"]) for p in made["strategy"]["phases"]] == [(1, None), (None, 100.0)]
+    assert made["strategy"]["require_approval"] is True
+    await _until(api, created["id"], "the canary passed", lambda r: r["state"] == "awaiting_approval")
+    await page.reload()
     state = page.locator("[data-field=rollout-state] .badge")
     await expect(state).to_have_attribute("data-status", "awaiting_approval")
     await expect(page.locator(".facts")).to_contain_text("phase 1 of 2")
     phases = page.locator("tr[data-phase]")
     await expect(phases).to_have_count(2)
-    await expect(phases.nth(0)).to_contain_text("canary")
     await expect(phases.nth(0).locator(".badge")).to_have_attribute("data-status", "passed")
     await expect(phases.nth(0)).to_contain_text("1/1 succeeded")
     await expect(phases.nth(1).locator(".badge")).to_have_attribute("data-status", "waiting")
@@ -285,7 +298,8 @@ async def _dashboard_walk(platform: Platform, browser: Browser, tmp_path: Path) 
 
     # A rollout stopped: the page says why.
     second = upload_bundle(platform, tmp_path, "2.0.0")
-    stopped = await api.call("POST", "/api/v1/deployments", json=body | {"bundle_id": second}, expect=201)
+    body = {"bundle_id": second, "device_ids": [d["id"] for d in devices], "rollout": strategy}
+    stopped = await api.call("POST", "/api/v1/deployments", json=body, expect=201)
     await _until(api, stopped["id"], "waiting again", lambda r: r["state"] == "awaiting_approval")
     await api.call("POST", f"/api/v1/deployments/{stopped['id']}/cancel")
     await page.goto(f"{platform.api_url}/ui/#/deployments/{stopped['id']}")

@@ -1,7 +1,7 @@
 // Deployments: the list, creating one with a preview of its targets, and one deployment's live
 // per-device progress with cancel. A phased rollout (docs/rollouts.md) shows its state, current
 // phase, each phase's progress and why it stopped, and offers approval when a phase waits for it.
-// Rollouts are created through the API; the form here deploys to all targets at once.
+// The form deploys to every target at once, or, given phases, as a phased rollout.
 
 import { ApiError, api } from "../api.js";
 import {
@@ -230,6 +230,30 @@ export async function renderNew(ctx) {
     placeholder: "server default",
     inputmode: "numeric",
   });
+  const phases = h("input", { name: "phases", placeholder: "e.g. 1, 10%, 100%", autocomplete: "off" });
+  const approval = h("input", { type: "checkbox", name: "approval" });
+  const abortPercent = h("input", {
+    type: "number",
+    name: "abort-percent",
+    min: 1,
+    max: 100,
+    placeholder: "none",
+    inputmode: "numeric",
+  });
+  const rollback = h("input", { type: "checkbox", name: "rollback" });
+  const rolloutBox = h(
+    "fieldset",
+    {},
+    h("legend", {}, "Phased rollout (optional)"),
+    field(
+      "Phases",
+      phases,
+      "Comma-separated: a share of the targets (10%) or a number of devices (5); the last phase takes the rest. Empty: every target at once.",
+    ),
+    h("label", { class: "check" }, approval, " Wait for my approval between phases"),
+    field("Abort when more than this % of finished devices failed", abortPercent),
+    h("label", { class: "check" }, rollback, " On abort, roll updated devices back to their previous bundle"),
+  );
   const preview = h("section", { class: "card preview", "aria-labelledby": "preview-h", "aria-live": "polite" });
   const error = h("p", { class: "form-error", role: "alert" });
   const submit = h("button", { type: "submit" }, "Deploy");
@@ -250,6 +274,18 @@ export async function renderNew(ctx) {
       return devices.items.filter((d) => wanted.every((t) => d.tags.includes(t)));
     }
     return [...checks.values()].filter((c) => c.box.checked).map((c) => c.device);
+  }
+
+  // "10%" is a share of the targets, "5" a number of devices; null when a part is neither.
+  function parsePhases() {
+    const parts = phases.value
+      .split(",")
+      .map((p) => p.trim())
+      .filter(Boolean);
+    const parsed = parts.map((p) =>
+      /^\d+(\.\d+)?%$/.test(p) ? { percent: Number(p.slice(0, -1)) } : /^\d+$/.test(p) ? { devices: Number(p) } : null,
+    );
+    return parsed.includes(null) ? null : parsed;
   }
 
   function showPreview() {
@@ -320,10 +356,29 @@ export async function renderNew(ctx) {
             .map((t) => t.trim())
             .filter(Boolean);
         else body.device_ids = targets().map((d) => d.id);
+        const planned = parsePhases();
+        if (planned === null) {
+          error.textContent = "Write each phase as a percentage (10%) or a number of devices (5).";
+          phases.focus();
+          return;
+        }
+        if (planned.length) {
+          const abort = { rollback: rollback.checked };
+          if (abortPercent.value) abort.after_failure_percent = Number(abortPercent.value);
+          body.rollout = { phases: planned, require_approval: approval.checked, abort };
+        } else if (approval.checked || rollback.checked || abortPercent.value) {
+          error.textContent = "Approval, abort and roll back apply to a phased rollout: give its phases.";
+          phases.focus();
+          return;
+        }
         submit.disabled = true;
         try {
           const created = await api("POST", "/api/v1/deployments", { body });
-          notify(`Deployment to ${created.total} device${created.total === 1 ? "" : "s"} created.`);
+          notify(
+            created.rollout
+              ? `Rollout over ${created.rollout.phases_total} phases created.`
+              : `Deployment to ${created.total} device${created.total === 1 ? "" : "s"} created.`,
+          );
           location.hash = `#/deployments/${created.id}`;
         } catch (failure) {
           error.textContent =
@@ -346,6 +401,7 @@ export async function renderNew(ctx) {
     tagPicker,
     h("label", { class: "check" }, supersede, " Replace deployments in progress on these devices"),
     field("Timeout per device (seconds)", timeout),
+    rolloutBox,
     error,
     h("div", { class: "actions" }, submit),
   );
