@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kernex.ingest.inbox import Inbox, Incoming
 from kernex.ingest.metrics import IngestMetrics
+from kernex.protocol.messages import utc_now
 from kernex.storage.database import create_engine
 from tests.fixtures.broker import RunningBroker, close_client, connect_client, make_device, publish
 from tests.fixtures.database import free_port
@@ -292,3 +294,18 @@ async def test_broker_restarted_mid_stream_loss_is_bounded_and_counted(
         figures = f"published {published}, sent while away {sent_while_away}, stored {stored}"
         print(f"broker {how}: {figures}, counted missing {missing}")
     assert worker.stop() == 0, worker.log()[-3000:]
+
+
+async def test_a_resumed_session_drops_the_old_connections_buffered_copies() -> None:
+    # After a reconnect the broker resends what was not acknowledged; the copies buffered from
+    # the old connection (which could never be acknowledged) are dropped, not written twice.
+    metrics = IngestMetrics()
+    inbox = Inbox(10, metrics)
+    now = utc_now()
+    for mid, connection in ((1, 1), (2, 1), (1, 2), (3, 1)):
+        assert inbox.put(Incoming(mid, 1, "t", b"", now, connection))
+    assert sample(metrics, "kernex_ingest_pending_acks") == 4
+    assert inbox.drop_older_than(2) == 3
+    assert sample(metrics, "kernex_ingest_pending_acks") == 1
+    assert [(i.mid, i.connection) for i in await inbox.get_batch(10, 0)] == [(1, 2)]
+    assert inbox.drop_older_than(2) == 0

@@ -65,6 +65,21 @@ class Inbox:
         self._changed.set()
         return True
 
+    def drop_older_than(self, connection: int) -> int:
+        """Forget buffered messages delivered on an earlier connection; how many.
+
+        Only for a resumed session: the broker resends those (they were never acknowledged),
+        and a packet id is only valid on its own connection, so the old copies could never be
+        acknowledged anyway. Without this, every reconnect under load buffered the backlog
+        twice and wrote it twice.
+        """
+        kept = deque(item for item in self._items if item.connection >= connection)
+        dropped = len(self._items) - len(kept)
+        if dropped:
+            self._items = kept
+            self._metrics.pending_acks.dec(dropped)
+        return dropped
+
     def close(self) -> None:
         """Stop taking messages; get_batch() drains what is buffered, then returns []."""
         self._closed = True

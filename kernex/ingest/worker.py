@@ -347,6 +347,11 @@ class IngestWorker:
             return
         with self._ack_lock:
             self._connection += 1
+            connection = self._connection
+        if self._connected_once and flags.session_present and self._loop is not None:
+            # The resumed session resends what the old connection delivered and we did not
+            # acknowledge: the buffered copies are dropped (kernex.ingest.inbox).
+            self._loop.call_soon_threadsafe(self._drop_stale, connection)
         if self._connected_once and not flags.session_present:
             # The session expired (or the broker lost it): whatever was published while this
             # worker was away beyond session_expiry_s, and not taken by another worker, is gone.
@@ -358,6 +363,13 @@ class IngestWorker:
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.error("subscribe failed", error=str(result))
         self._subscribe_mid = mid
+
+    def _drop_stale(self, connection: int) -> None:
+        dropped = self._inbox.drop_older_than(connection)
+        if dropped:
+            log.info(
+                "dropped buffered messages of the previous connection; the broker resends them", count=dropped
+            )
 
     def _on_subscribe(
         self,
