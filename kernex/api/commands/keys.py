@@ -12,7 +12,6 @@ messages when it restarts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime, timedelta
 
 from kernex.api.broker_link import BrokerLink, BrokerUnavailableError
@@ -21,6 +20,7 @@ from kernex.api.errors import ConflictError, NotFoundError
 from kernex.broker.command_keys import CommandKeyRing, Ring, RingKey
 from kernex.broker.exceptions import PKIError
 from kernex.kit.logs import get_logger
+from kernex.kit.pacer import Pacer
 from kernex.protocol.keys import PrivateKey
 
 log = get_logger(__name__)
@@ -48,12 +48,11 @@ class CommandKeys:
         self._broker = broker
         self._topic = topic
         self._ttl = ttl
-        self._interval_s = interval_s
         self._ring: Ring | None = None
         self._keys: dict[str, PrivateKey] = {}
         self._stamp: float | None = None
         self._published: tuple[int, int] | None = None  # (ring version, broker connection) last published
-        self._wake = asyncio.Event()
+        self._pace = Pacer(interval_s)
 
     @property
     def ring(self) -> Ring:
@@ -83,7 +82,7 @@ class CommandKeys:
         except PKIError as exc:
             raise CommandKeyConflictError(str(exc)) from None
         await self.load()
-        self._wake.set()
+        self._pace.wake()
         return added
 
     async def retire(self, kid: str) -> Ring:
@@ -97,7 +96,7 @@ class CommandKeys:
         except PKIError as exc:
             raise CommandKeyConflictError(str(exc)) from None
         await self.load()
-        self._wake.set()
+        self._pace.wake()
         return self.ring
 
     async def publish_once(self) -> bool:
@@ -117,7 +116,7 @@ class CommandKeys:
         """Keep the broker's key set current: on every wake, every interval, after every reconnect."""
         while True:
             await self._broker.wait_connected()
-            self._wake.clear()
+            self._pace.begin()
             try:
                 await self.publish_once()
             except BrokerUnavailableError as exc:
@@ -125,5 +124,4 @@ class CommandKeys:
             except PKIError as exc:
                 # A ring file damaged by hand: keep signing with the keys loaded, say so every pass.
                 log.error("command key ring unreadable", error=str(exc))  # noqa: TRY400 - the message says it all
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+            await self._pace.wait()

@@ -13,7 +13,6 @@ down, or by a request that failed to publish) every interval, and at once after 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kernex.api.broker_link import BrokerLink, BrokerUnavailableError
 from kernex.api.commands.service import CommandState
 from kernex.kit.logs import get_logger
+from kernex.kit.pacer import Pacer
 from kernex.protocol.topics import CommandKind, Topics
 from kernex.storage.models import DeviceCommand
 
@@ -59,15 +59,14 @@ class CommandPublisher:
         self._engine = engine
         self._broker = broker
         self._topics = topics
-        self._interval_s = interval_s
-        self._wake = asyncio.Event()
+        self._pace = Pacer(interval_s)
         # One lock per topic being published, so this process publishes a topic one at a time;
         # dropped when no one holds or waits for it, so the map stays as small as the work in flight.
         self._locks: dict[tuple[str, str], _TopicLock] = {}
 
     def wake(self) -> None:
         """Ask the republisher for a pass now."""
-        self._wake.set()
+        self._pace.wake()
 
     async def sync_topics(self, topics: Iterable[tuple[str, str]]) -> bool:
         """Publish these (device id, kind) topics; False if the broker was unavailable for any.
@@ -166,18 +165,17 @@ class CommandPublisher:
         """The republisher: a pass on every wake, every interval, and at once after a reconnect."""
         while True:
             await self._broker.wait_connected()
-            self._wake.clear()
+            self._pace.begin()
             try:
                 published = await self.publish_pending()
             except BrokerUnavailableError as exc:
                 log.warning("republishing paused: broker unavailable", error=str(exc))
                 # Back to waiting for the connection: the next pass runs as soon as it is up.
-                await asyncio.sleep(min(self._interval_s, 1.0))
+                await asyncio.sleep(min(self._pace.interval_s, 1.0))
                 continue
             except (OSError, sa.exc.SQLAlchemyError) as exc:
                 log.warning("republishing paused: database unavailable", error=f"{type(exc).__name__}: {exc}")
             else:
                 if published:
                     log.info("pending commands published", topics=published)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+            await self._pace.wait()

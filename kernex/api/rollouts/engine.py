@@ -46,6 +46,7 @@ from kernex.api.rollouts.feed import RolloutFeed
 from kernex.api.rollouts.schemas import RolloutStrategy
 from kernex.api.state import AppState
 from kernex.kit.logs import get_logger
+from kernex.kit.pacer import Pacer
 from kernex.protocol.topics import CommandKind, Topics
 from kernex.storage.deployments import (
     ACTIVE_ROLLOUT_STATES,
@@ -98,17 +99,16 @@ class RolloutEngine:
         self._sessions = sessions
         self._commands = commands_runtime
         self._bundles = bundles
-        self._interval_s = interval_s
-        self._wake = asyncio.Event()
+        self._pace = Pacer(interval_s)
 
     def wake(self) -> None:
         """Ask for a pass over every rollout now."""
-        self._wake.set()
+        self._pace.wake()
 
     async def run(self) -> None:
         """Step every rollout that may change, each interval or when woken; outages pause it."""
         while True:
-            self._wake.clear()
+            self._pace.begin()
             try:
                 for deployment_id in await self._due():
                     await self._step_guarded(deployment_id)
@@ -116,8 +116,7 @@ class RolloutEngine:
                 log.warning(
                     "rollout pass skipped: database unavailable", error=f"{type(exc).__name__}: {exc}"
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+            await self._pace.wait()
 
     async def _step_guarded(self, deployment_id: str) -> None:
         try:

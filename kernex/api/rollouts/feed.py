@@ -11,8 +11,6 @@ that marks the transition sent, so a crash in between sends it again; integrator
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -23,6 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from kernex.api.broker_link import BrokerLink, BrokerUnavailableError
 from kernex.kit.logs import get_logger
+from kernex.kit.pacer import Pacer
 from kernex.protocol.fleet import FLEET_QOS, FleetRollout, encode, rollout_topic
 from kernex.protocol.topics import Topics
 from kernex.storage.models import DeploymentTarget, Rollout, RolloutTransition
@@ -49,17 +48,16 @@ class RolloutFeed:
         self._sessions = sessions
         self._broker = broker
         self._topics = topics
-        self._interval_s = interval_s
-        self._wake = asyncio.Event()
+        self._pace = Pacer(interval_s)
 
     def wake(self) -> None:
         """Ask for a pass now (a rollout just changed)."""
-        self._wake.set()
+        self._pace.wake()
 
     async def run(self) -> None:
         """Send pending transitions each interval or when woken; an outage only delays them."""
         while True:
-            self._wake.clear()
+            self._pace.begin()
             try:
                 while await self.send_pending() == BATCH:
                     pass  # a full batch: more may be waiting
@@ -67,8 +65,7 @@ class RolloutFeed:
                 log.info("rollout progress waits for the broker", error=str(exc))
             except (OSError, sa.exc.SQLAlchemyError) as exc:
                 log.warning("rollout progress waits for the database", error=f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+            await self._pace.wait()
 
     async def send_pending(self) -> int:
         """Publish and mark sent up to BATCH unsent transitions, oldest first; how many."""
