@@ -256,7 +256,7 @@ async def _walk(
 
     # --- 2.0.0 everywhere, then roll device one back to 1.0.0 from its page ----------------------
     await page.goto(f"{ui}#/deployments/new?bundle={bundle_ids['2.0.0']}")
-    await expect(page.get_by_label("Bundle")).to_have_value(bundle_ids["2.0.0"])
+    await expect(page.get_by_label("Bundle", exact=True)).to_have_value(bundle_ids["2.0.0"])
     await page.get_by_role("button", name="Select all shown").click()
     await page.get_by_role("button", name="Deploy", exact=True).click()
     await expect(page.get_by_role("heading", name="Deploy ui-app 2.0.0")).to_be_visible()
