@@ -74,18 +74,10 @@ async def revoke_token(
 ) -> EnrollmentTokenOut:
     """Revoke a token at once: devices presenting it from now on wait pending."""
     target = f"enrollment_token:{token_id}"
-    async with audit.audited(
+    async with audit.recorded(
         session, actor=operator, action="enrollment_token.revoke", target=target, request=request
     ):
         row = await service.revoke_token(session, token_id)
-    await audit.record(
-        session,
-        actor=operator,
-        action="enrollment_token.revoke",
-        target=target,
-        outcome="success",
-        request=request,
-    )
     return EnrollmentTokenOut.model_validate(row)
 
 
@@ -103,21 +95,13 @@ async def preauthorize(
         key_fingerprint=body.key_fingerprint, public_key_pem=body.public_key_pem, csr=body.csr
     )
     target = f"preauthorization:{fingerprint}"
-    async with audit.audited(
+    async with audit.recorded(
         session, actor=operator, action="device.preauthorize", target=target, request=request
-    ):
+    ) as details:
         row = await service.preauthorize(
             session, key_fingerprint=fingerprint, name=body.name, tags=body.tags, created_by=operator.actor
         )
-    await audit.record(
-        session,
-        actor=operator,
-        action="device.preauthorize",
-        target=target,
-        outcome="success",
-        request=request,
-        details={"name": row.name, "tags": row.tags},
-    )
+        details.update({"name": row.name, "tags": row.tags})
     return PreauthorizationOut.model_validate(row)
 
 
@@ -136,16 +120,8 @@ async def delete_preauthorization(
 ) -> PreauthorizationOut:
     """Withdraw a pre-authorization; a device it already admitted stays admitted."""
     target = f"preauthorization:{key_fingerprint}"
-    async with audit.audited(
+    async with audit.recorded(
         session, actor=operator, action="device.preauthorization.delete", target=target, request=request
     ):
         row = await service.delete_preauthorization(session, key_fingerprint)
-    await audit.record(
-        session,
-        actor=operator,
-        action="device.preauthorization.delete",
-        target=target,
-        outcome="success",
-        request=request,
-    )
     return PreauthorizationOut.model_validate(row)

@@ -49,9 +49,6 @@ async def list_tokens(_: AdminDep, session: SessionDep) -> ApiTokenPage:
 async def revoke_token(token_id: str, admin: AdminDep, request: Request, session: SessionDep) -> ApiTokenOut:
     """Revoke a token at once; it stays listed with its revocation time."""
     target = f"api_token:{token_id}"
-    async with audit.audited(session, actor=admin, action="token.revoke", target=target, request=request):
+    async with audit.recorded(session, actor=admin, action="token.revoke", target=target, request=request):
         row = await service.revoke(session, token_id)
-    await audit.record(
-        session, actor=admin, action="token.revoke", target=target, outcome="success", request=request
-    )
     return ApiTokenOut.model_validate(row)

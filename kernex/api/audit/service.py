@@ -120,3 +120,29 @@ async def audited(
             details={"error": str(exc)[:1000], "code": exc.code, "status": int(exc.status_code)},
         )
         raise
+
+
+@asynccontextmanager
+async def recorded(
+    session: AsyncSession,
+    *,
+    actor: Principal | str,
+    action: str,
+    target: str | None,
+    request: Request | None,
+    refused: str = "failed",
+) -> AsyncIterator[dict[str, Any]]:
+    """Audit a mutation however it ends: refused or failed as `audited` records it, or, once the
+    body is done, a success with the details the body put into the yielded dict."""
+    details: dict[str, Any] = {}
+    async with audited(session, actor=actor, action=action, target=target, request=request, refused=refused):
+        yield details
+    await record(
+        session,
+        actor=actor,
+        action=action,
+        target=target,
+        outcome="success",
+        request=request,
+        details=details,
+    )

@@ -45,17 +45,11 @@ async def register_user(
     role = body.role if admin is not None else Role.ADMIN
     actor = admin if admin is not None else f"bootstrap:{body.username}"
     target = f"user:{body.username}"
-    async with audit.audited(session, actor=actor, action="user.register", target=target, request=request):
+    async with audit.recorded(
+        session, actor=actor, action="user.register", target=target, request=request
+    ) as details:
         user = await service.create_user(session, username=body.username, role=role, password=body.password)
-    await audit.record(
-        session,
-        actor=actor,
-        action="user.register",
-        target=target,
-        outcome="success",
-        request=request,
-        details={"role": role.value, "user_id": user.id},
-    )
+        details.update({"role": role.value, "user_id": user.id})
     return UserOut.model_validate(user)
 
 
@@ -144,15 +138,12 @@ async def change_password(
 ) -> Response:
     """Change the caller's password; every existing access token stops working."""
     target = f"user:{principal.name}"
-    async with audit.audited(
+    async with audit.recorded(
         session, actor=principal, action="auth.password", target=target, request=request, refused="denied"
     ):
         await service.change_password(
             session, claims.user_id, current=body.current_password, new=body.new_password
         )
-    await audit.record(
-        session, actor=principal, action="auth.password", target=target, outcome="success", request=request
-    )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -54,17 +54,9 @@ async def retire_command_key(
 ) -> CommandKeyRingOut:
     """Retire a key a newer one replaced: devices stop trusting it with the next key set."""
     target = f"command_key:{kid}"
-    async with audit.audited(
+    async with audit.recorded(
         session, actor=admin, action="command_key.retire", target=target, request=request
-    ):
+    ) as details:
         ring = await runtime.keys.retire(kid)
-    await audit.record(
-        session,
-        actor=admin,
-        action="command_key.retire",
-        target=target,
-        outcome="success",
-        request=request,
-        details={"version": ring.version},
-    )
+        details.update({"version": ring.version})
     return CommandKeyRingOut.of(ring, datetime.now(UTC))

@@ -38,19 +38,11 @@ async def create_integration(
 ) -> IntegrationCreated:
     """Issue an integrator certificate that may only read the fleet topics; its key is in this answer only."""
     target = f"integration:{body.name}"
-    async with audit.audited(
+    async with audit.recorded(
         session, actor=admin, action="integration.create", target=target, request=request
-    ):
+    ) as details:
         issued, outcome = await service.create(pki, settings, body.name)
-    await audit.record(
-        session,
-        actor=admin,
-        action="integration.create",
-        target=target,
-        outcome="success",
-        request=request,
-        details={"serial": issued.integrator.serial, "broker_reloaded": outcome.reloaded},
-    )
+        details.update({"serial": issued.integrator.serial, "broker_reloaded": outcome.reloaded})
     return IntegrationCreated(
         **IntegrationOut.of(issued.integrator).model_dump(),
         certificate_pem=issued.certificate_pem,
@@ -74,19 +66,11 @@ async def revoke_integration(
 ) -> IntegrationRevoked:
     """Take the integrator out of the ACL and put its certificate in the fleet CRL; reload the broker."""
     target = f"integration:{name}"
-    async with audit.audited(
+    async with audit.recorded(
         session, actor=admin, action="integration.revoke", target=target, request=request
-    ):
+    ) as details:
         revoked, outcome = await service.revoke(pki, settings, name)
-    await audit.record(
-        session,
-        actor=admin,
-        action="integration.revoke",
-        target=target,
-        outcome="success",
-        request=request,
-        details={"serial": revoked.serial, "broker_reloaded": outcome.reloaded},
-    )
+        details.update({"serial": revoked.serial, "broker_reloaded": outcome.reloaded})
     return IntegrationRevoked(
         **IntegrationOut.of(revoked).model_dump(),
         broker_reloaded=outcome.reloaded,
