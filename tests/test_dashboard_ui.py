@@ -345,6 +345,8 @@ async def _walk(
 
     # --- admin pages ----------------------------------------------------------------------------------
     await nav.get_by_role("link", name="Audit log").click()
+    # The device page's tables stay until the audit page replaces them: wait for its heading.
+    await expect(page.get_by_role("heading", name="Audit log")).to_be_visible()
     await expect(page.locator("tbody tr").first).to_be_visible()
     await expect(page.locator("tbody")).to_contain_text("auth.login")
     await shots.take(page, "audit")
