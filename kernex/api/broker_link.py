@@ -18,6 +18,9 @@ CONNECT_TIMEOUT_S = 10
 # A QoS 1 PUBACK on a healthy broker takes milliseconds; past this the link is as good as down,
 # and the command stays pending for the republisher.
 PUBLISH_TIMEOUT_S = 10
+# QoS 1 publishes awaiting their PUBACK at once (paho's default is 20): a deployment's commands
+# go out back to back instead of 20 per round trip. The broker may lower it (Receive Maximum).
+MAX_INFLIGHT = 256
 
 
 class BrokerUnavailableError(ServiceUnavailableError):
@@ -78,6 +81,7 @@ class BrokerLink:
                 tls_params=self._tls,
                 keepalive=KEEPALIVE_S,
                 timeout=CONNECT_TIMEOUT_S,
+                max_inflight_messages=MAX_INFLIGHT,
             )
             try:
                 async with client:
