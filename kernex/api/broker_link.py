@@ -83,6 +83,9 @@ class BrokerLink:
                 timeout=CONNECT_TIMEOUT_S,
                 max_inflight_messages=MAX_INFLIGHT,
             )
+            # aiomqtt warns (one line per publish) past 10 waiting publishes; the command
+            # publisher keeps up to MAX_INFLIGHT waiting by design, so only more is worth a line.
+            client.pending_calls_threshold = 2 * MAX_INFLIGHT
             try:
                 async with client:
                     self._client = client

@@ -143,7 +143,12 @@ async def recompute(conn: AsyncConnection, deployment_ids: Iterable[str], now: d
             await conn.execute(
                 sa.select(_DEPLOYMENTS.c.status, _DEPLOYMENTS.c.cancelled_at, _DEPLOYMENTS.c.finished_at)
                 .where(_DEPLOYMENTS.c.id == deployment_id)
-                .with_for_update()
+                # FOR NO KEY UPDATE, not FOR UPDATE: the same transaction (and others) may
+                # already hold a key-share lock on this row from inserting rows that refer to
+                # it (device_bundle_history, rollout transitions). Two ingest workers each
+                # holding one and each asking FOR UPDATE was a deadlock; this lock still
+                # serialises recomputes but is compatible with those foreign-key checks.
+                .with_for_update(key_share=True)
             )
         ).first()
         if row is None:
