@@ -1,17 +1,19 @@
 """The hand-off from paho's network thread to the asyncio loop, and the batching on the loop side.
 
-paho calls `on_message` in its own thread; the callback only stamps the message and schedules
-`Inbox.put` on the loop (`call_soon_threadsafe`), so the network thread never waits for the
-database. The buffer is bounded by the broker, not by us: ingest announces a Receive Maximum
-(MQTT 5) equal to the inbox capacity, and a QoS 1 message stays in flight until it is
-acknowledged after commit, so the broker cannot send more than the inbox holds. QoS 0 messages
-do not count against Receive Maximum; they are dropped (and counted) when the inbox is full.
+paho calls `on_message` in its own thread; the callback only stamps the message and hands it
+to the loop through a `Handoff`, so the network thread never waits for the database. The
+buffer is bounded by the broker, not by us: ingest announces a Receive Maximum (MQTT 5) equal
+to the inbox capacity, and a QoS 1 message stays in flight until it is acknowledged after
+commit, so the broker cannot send more than the inbox holds. QoS 0 messages do not count
+against Receive Maximum; they are dropped (and counted) when the inbox is full.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -108,3 +110,36 @@ class Inbox:
             except TimeoutError:
                 break
         return [self._items.popleft() for _ in range(min(max_items, len(self._items)))]
+
+
+class Handoff:
+    """Carries messages from paho's thread to the loop, waking the loop once per burst.
+
+    `call_soon_threadsafe` writes to the loop's self-pipe on every call: one syscall and one
+    wakeup per message cost 6 % of a worker's CPU at 1,500 messages/s (py-spy). Messages are
+    appended under a lock instead, and only the first of a burst schedules a drain; the drain
+    delivers everything appended until it runs, in arrival order.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[Incoming], object]) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._items: list[Incoming] = []
+        self._scheduled = False
+
+    def put(self, item: Incoming) -> None:
+        """From any thread; raises RuntimeError if the loop has closed."""
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for item in items:
+            self._deliver(item)

@@ -2,7 +2,7 @@
 
 Flow (DESIGN.md "Delivery guarantees"):
 
-    paho network thread ──call_soon_threadsafe──▶ Inbox ──▶ collect: batch + verify
+    paho network thread ────────Handoff─────────▶ Inbox ──▶ collect: batch + verify
                                                               │ (one batch ahead)
                                                               ▼
                   commit: write in one transaction ──▶ republish on fleet/... ──▶ PUBACK every message
@@ -47,7 +47,7 @@ from kernex.broker.pki import INGEST_IDENTITY, FleetPKI
 from kernex.ingest.exceptions import BrokerConnectionError, IngestConfigError, IngestError, WriteError
 from kernex.ingest.fleet import FLEET_MAX_QUEUED, FleetRepublisher
 from kernex.ingest.fleet import queue as queue_fleet
-from kernex.ingest.inbox import Inbox, Incoming
+from kernex.ingest.inbox import Handoff, Inbox, Incoming
 from kernex.ingest.keys import KeyCache
 from kernex.ingest.metrics import IngestMetrics, Outcome
 from kernex.ingest.retention import run_retention
@@ -164,6 +164,7 @@ class IngestWorker:
         self._inbox = Inbox(self.capacity, self.metrics)
         self._client: Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: Handoff | None = None
         self._runner: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
         self._entered = False
@@ -186,6 +187,7 @@ class IngestWorker:
             raise IngestError("an IngestWorker runs once; create a new one")
         self._entered = True
         self._loop = asyncio.get_running_loop()
+        self._handoff = Handoff(self._loop, self._inbox.put)
         self._ready = self._loop.create_future()
         try:
             client = self._make_client()
@@ -271,7 +273,10 @@ class IngestWorker:
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         # Fleet republication (kernex.ingest.fleet): every queued message goes on the wire at
         # once, ahead of the batch's acknowledgements, and the queue is bounded.
-        client.max_inflight_messages_set(FLEET_MAX_QUEUED)
+        # No in-flight window (0), only the queue bound: with a window, paho scans every
+        # outstanding message on each PUBACK (Client._update_inflight), which at a 10,000
+        # window was 20 % of a worker's CPU (py-spy); the queue bound caps outstanding alike.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(FLEET_MAX_QUEUED)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -419,11 +424,11 @@ class IngestWorker:
             received_at=received_at,
             connection=self._connection,  # written only by this same thread
         )
-        loop = self._loop
-        if loop is None:
+        handoff = self._handoff
+        if handoff is None:
             return
         try:
-            loop.call_soon_threadsafe(self._inbox.put, item)
+            handoff.put(item)
         except RuntimeError:
             # The event loop has closed: the message stays unacknowledged and is redelivered.
             log.debug("message arrived after the event loop closed", mid=item.mid)
