@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from botocore.exceptions import ConnectionClosedError
+from botocore.exceptions import ClientError, ConnectionClosedError
+from structlog.testing import capture_logs
 
 from kernex.storage.bundles import encryption
 from kernex.storage.bundles.exceptions import (
@@ -207,6 +211,138 @@ async def test_s3_presigned_url_serves_the_object(s3_options: S3Options) -> None
         assert response.status_code == 200
         assert response.content == data
         assert "b-1.0.0.tar.gz" in response.headers["content-disposition"]
+    finally:
+        await store.close()
+
+
+def _crashed_upload(client: Any, bucket: str, key: str) -> str:
+    """An incomplete multipart upload with one part: what an API killed mid-upload leaves."""
+    upload_id: str = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=os.urandom(1024))
+    return upload_id
+
+
+def _incomplete(client: Any, bucket: str) -> dict[str, float]:
+    """Incomplete multipart uploads by key, with their age in seconds as the server reports it."""
+    now = datetime.now(UTC)
+    uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    return {u["Key"]: (now - u["Initiated"]).total_seconds() for u in uploads}
+
+
+async def _older_than(client: Any, bucket: str, seconds: float) -> None:
+    """Wait until every incomplete upload is older than seconds (moto dates them all in 2010)."""
+    youngest = min(_incomplete(client, bucket).values())
+    await asyncio.sleep(max(0.0, seconds - youngest + 0.1))
+
+
+async def test_s3_start_aborts_stale_uploads_under_the_bundles_prefix(
+    s3_options: S3Options, s3_client: Any
+) -> None:
+    bucket = s3_options.bucket
+    _crashed_upload(s3_client, bucket, "bundles/crashed.tar.gz")
+    _crashed_upload(s3_client, bucket, "bundles/crashed-too.tar.gz")
+    _crashed_upload(s3_client, bucket, "elsewhere/crashed.tar.gz")  # another writer's: not ours to judge
+    await _older_than(s3_client, bucket, 1.0)
+    store = await S3Store.create(replace(s3_options, stale_upload_age_s=1.0))
+    try:
+        with capture_logs() as logs:
+            await store.start()
+        assert list(_incomplete(s3_client, bucket)) == ["elsewhere/crashed.tar.gz"]
+        swept = [e for e in logs if e["event"] == "abandoned S3 multipart uploads aborted"]
+        assert [(e["log_level"], e["aborted"]) for e in swept] == [("info", 2)]
+        assert await store.sweep_abandoned_uploads() == 0  # nothing left to abort
+    finally:
+        await store.close()
+
+
+async def test_s3_start_leaves_uploads_younger_than_the_threshold(
+    s3_options: S3Options, s3_client: Any
+) -> None:
+    bucket, key = s3_options.bucket, "bundles/live.tar.gz"
+    upload_id = _crashed_upload(s3_client, bucket, key)
+    # Whatever age the server gives it, one hour short of the threshold: a live upload.
+    age = _incomplete(s3_client, bucket)[key]
+    store = await S3Store.create(replace(s3_options, stale_upload_age_s=age + 3600))
+    try:
+        await store.start()
+        assert await store.sweep_abandoned_uploads() == 0
+        assert list(_incomplete(s3_client, bucket)) == [key]
+        # Still intact: its writer can complete it.
+        parts = s3_client.list_parts(Bucket=bucket, Key=key, UploadId=upload_id)["Parts"]
+        s3_client.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts]},
+        )
+        assert (await store.stat(key)).size == 1024
+    finally:
+        await store.close()
+
+
+async def test_s3_sweep_runs_periodically(s3_options: S3Options, s3_client: Any) -> None:
+    store = await S3Store.create(replace(s3_options, stale_upload_age_s=1.0, sweep_interval_s=0.2))
+    try:
+        await store.start()
+        _crashed_upload(s3_client, s3_options.bucket, "bundles/crashed-later.tar.gz")
+        deadline = time.monotonic() + 15
+        while _incomplete(s3_client, s3_options.bucket) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert _incomplete(s3_client, s3_options.bucket) == {}
+    finally:
+        await store.close()
+
+
+async def test_s3_sweep_failure_is_logged_and_start_goes_on(s3_options: S3Options) -> None:
+    store = await S3Store.create(s3_options)
+
+    def denied(**kwargs: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "injected"}}, "ListMultipartUploads")
+
+    store.client.list_multipart_uploads = denied  # type: ignore[method-assign,assignment] # fault injection
+    try:
+        with capture_logs() as logs:
+            await store.start()
+        failures = [e for e in logs if e["event"] == "sweeping abandoned S3 multipart uploads failed"]
+        assert len(failures) == 1
+        assert failures[0]["log_level"] == "warning"
+        assert "AccessDenied" in failures[0]["error"]
+        await _write(store, KEY, b"still works")
+        assert await _read(store, KEY) == b"still works"
+    finally:
+        await store.close()
+
+
+async def test_s3_sweep_pages_and_tolerates_uploads_aborted_meanwhile(
+    s3_options: S3Options, s3_client: Any
+) -> None:
+    bucket = s3_options.bucket
+    keys = [f"bundles/crashed-{i}.tar.gz" for i in range(5)]
+    upload_ids = [_crashed_upload(s3_client, bucket, key) for key in keys]
+    await _older_than(s3_client, bucket, 1.0)
+    store = await S3Store.create(replace(s3_options, stale_upload_age_s=1.0))
+    real_list = store.client.list_multipart_uploads
+    pages: list[str | None] = []
+
+    def two_per_page(**kwargs: Any) -> Any:
+        # moto ignores max-uploads and answers everything at once; page as S3 does (at 1,000).
+        pages.append(kwargs.get("KeyMarker"))
+        listed = sorted(real_list(**kwargs).get("Uploads", []), key=lambda u: u["Key"])
+        after = [u for u in listed if u["Key"] > kwargs.get("KeyMarker", "")]
+        page, rest = after[:2], after[2:]
+        if keys[0] in [u["Key"] for u in page]:
+            # Another replica's sweep aborts this one between our listing and our abort.
+            s3_client.abort_multipart_upload(Bucket=bucket, Key=keys[0], UploadId=upload_ids[0])
+        answer: dict[str, Any] = {"Uploads": page, "IsTruncated": bool(rest)}
+        if rest:
+            answer |= {"NextKeyMarker": page[-1]["Key"], "NextUploadIdMarker": page[-1]["UploadId"]}
+        return answer
+
+    store.client.list_multipart_uploads = two_per_page  # type: ignore[method-assign] # paging injected
+    try:
+        assert await store.sweep_abandoned_uploads() == len(keys) - 1
+        assert pages == [None, keys[1], keys[3]]
+        assert _incomplete(s3_client, bucket) == {}
     finally:
         await store.close()
 

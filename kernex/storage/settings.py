@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 
 from kernex.kit.settings import KernexSettings
+from kernex.storage.bundles.store import STALE_UPLOAD_AGE_S
 
 SQLITE_FILE = "kernex.db"
 DEFAULT_MAX_BUNDLE_BYTES = 1024**3  # the 1 GiB: room for a root filesystem image
@@ -63,6 +64,10 @@ class BundleStoreSettings(KernexSettings):
     # Downloads answer 307 to a presigned S3 URL instead of streaming through the API.
     s3_presigned_downloads: bool = False
     presign_ttl_s: int = Field(default=DEFAULT_PRESIGN_TTL_S, ge=10, le=7 * 24 * 3600)
+    # Incomplete multipart uploads under the bundles prefix initiated longer ago than this are
+    # aborted at start and hourly (an API killed mid-upload leaves its parts billed forever).
+    # Must exceed the longest upload: another replica's live upload would be aborted otherwise.
+    s3_stale_upload_age_s: int = Field(default=STALE_UPLOAD_AGE_S, ge=1, le=30 * 24 * 3600)
     max_bundle_bytes: int = Field(default=DEFAULT_MAX_BUNDLE_BYTES, ge=1024, le=2**40)
     # 32 bytes, base64: bundles in the filesystem store are then encrypted with AES-256-GCM.
     bundle_encryption_key: SecretStr | None = None

@@ -22,6 +22,7 @@ async def create_store(settings: BundleStoreSettings) -> BundleStore:
                 secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
                 sse=None if settings.s3_sse is S3Encryption.NONE else settings.s3_sse.value,
                 kms_key_id=settings.s3_kms_key_id,
+                stale_upload_age_s=settings.s3_stale_upload_age_s,
             )
         )
     else:

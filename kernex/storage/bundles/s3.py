@@ -4,13 +4,19 @@ boto3 blocks, so every call runs in a worker thread. Uploads are buffered into p
 PART_BYTES: an object that fits in one part is a single PUT, a larger one a multipart upload
 with at most one part in flight while the next fills (memory stays at about two parts), and
 any failure aborts the multipart upload so no parts linger (and are billed) in the bucket.
+
+A process killed mid-upload (kill -9) cannot abort: its incomplete upload stays in the bucket,
+invisible to listings, its parts billed. start() and then an hourly sweep abort the incomplete
+uploads under the bundles prefix initiated longer ago than `stale_upload_age_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import boto3
@@ -19,7 +25,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from kernex.kit.logs import get_logger
 from kernex.storage.bundles.exceptions import BundleStoreError, StoredObjectMissingError
-from kernex.storage.bundles.store import CHUNK_BYTES, BundleStore, StoredObject, Upload, check_key
+from kernex.storage.bundles.store import (
+    BUNDLE_KEY_PREFIX,
+    CHUNK_BYTES,
+    STALE_UPLOAD_AGE_S,
+    BundleStore,
+    StoredObject,
+    Upload,
+    check_key,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -32,9 +46,13 @@ PART_BYTES = 8 * 1024 * 1024
 MAX_ATTEMPTS = 5
 # Threads may share one client; its pool bounds concurrent requests to the store.
 MAX_POOL_CONNECTIONS = 32
+# Abandoned uploads cost money, not correctness: hourly keeps the bill of a crash to an hour past
+# the age threshold at the price of one LIST request.
+SWEEP_INTERVAL_S = 3600.0
 log = get_logger(__name__)
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_NO_SUCH_UPLOAD = "NoSuchUpload"
 T = TypeVar("T")
 
 
@@ -51,6 +69,10 @@ class S3Options:
     sse: str | None = None
     kms_key_id: str | None = None
     part_bytes: int = PART_BYTES
+    # Incomplete multipart uploads under sweep_prefix initiated longer ago than this are aborted.
+    stale_upload_age_s: float = STALE_UPLOAD_AGE_S
+    sweep_prefix: str = BUNDLE_KEY_PREFIX
+    sweep_interval_s: float = SWEEP_INTERVAL_S
 
 
 class S3Store(BundleStore):
@@ -64,6 +86,7 @@ class S3Store(BundleStore):
         self.options = options
         self.bucket = options.bucket
         self.client = client
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls, options: S3Options) -> S3Store:
@@ -96,9 +119,74 @@ class S3Store(BundleStore):
             await self.call("HeadBucket", self.client.head_bucket, Bucket=self.bucket)
         except StoredObjectMissingError:
             raise BundleStoreError(f"S3 bucket {self.bucket!r} does not exist") from None
+        await self._sweep_logged()
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_periodically(), name="s3-upload-sweeper")
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            sweeper, self._sweeper = self._sweeper, None
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         await asyncio.to_thread(self.client.close)
+
+    async def sweep_abandoned_uploads(self) -> int:
+        """Abort the incomplete multipart uploads under the sweep prefix older than the threshold.
+
+        Returns how many this call aborted (one that another replica's sweep aborted first is
+        not counted). Raises BundleStoreError when listing or aborting fails.
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.options.stale_upload_age_s)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.options.sweep_prefix}
+        aborted = 0
+        while True:
+            page = await self.call("ListMultipartUploads", self.client.list_multipart_uploads, **args)
+            stale = [upload for upload in page.get("Uploads", []) if upload["Initiated"] < cutoff]
+            for upload in stale:
+                key, upload_id = upload["Key"], upload["UploadId"]
+                if await self.call("AbortMultipartUpload", self._abort_upload, key=key, upload_id=upload_id):
+                    aborted += 1
+            # Markers continue after the last listed upload, so aborting what was listed is safe.
+            if not page.get("IsTruncated"):
+                return aborted
+            args["KeyMarker"] = page["NextKeyMarker"]
+            args["UploadIdMarker"] = page["NextUploadIdMarker"]
+
+    def _abort_upload(self, *, key: str, upload_id: str) -> bool:
+        """Abort one upload (blocking); False when it is already gone."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == _NO_SUCH_UPLOAD:
+                return False  # another replica's sweep, or the upload's own abort, got there first
+            raise
+        return True
+
+    async def _sweep_logged(self) -> None:
+        """One sweep; a failure is logged and otherwise ignored (the bucket still works)."""
+        try:
+            aborted = await self.sweep_abandoned_uploads()
+        except BundleStoreError as exc:
+            log.warning("sweeping abandoned S3 multipart uploads failed", bucket=self.bucket, error=str(exc))
+            return
+        if aborted:
+            log.info(
+                "abandoned S3 multipart uploads aborted",
+                bucket=self.bucket,
+                prefix=self.options.sweep_prefix,
+                aborted=aborted,
+                older_than_s=self.options.stale_upload_age_s,
+            )
+        else:
+            log.debug(
+                "no abandoned S3 multipart uploads", bucket=self.bucket, prefix=self.options.sweep_prefix
+            )
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.sweep_interval_s)
+            await self._sweep_logged()
 
     async def begin(self, key: str) -> Upload:
         return _S3Upload(self, check_key(key))

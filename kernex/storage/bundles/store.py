@@ -23,6 +23,13 @@ log = get_logger(__name__)
 # Read granularity: large enough to amortise a thread hop per chunk, small enough that many
 # concurrent downloads stay within a few megabytes each.
 CHUNK_BYTES = 1024 * 1024
+# The API writes every bundle under this prefix (kernex/api/bundles/service.py); a store's sweep of
+# abandoned uploads keeps to it, so it never touches what other writers of a shared bucket leave.
+BUNDLE_KEY_PREFIX = "bundles/"
+# An unfinished upload older than this belongs to a process that died mid-upload (kill -9, OOM, a
+# lost host), never to a live one: the 1 GiB default KERNEX_MAX_BUNDLE_BYTES at 100 kbit/s still
+# finishes within it. Replicas sharing a bucket cannot ask S3 whether another's upload is alive.
+STALE_UPLOAD_AGE_S = 24 * 3600
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127}){0,3}$")
 
 
