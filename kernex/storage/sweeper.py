@@ -154,17 +154,26 @@ async def mark_silent_devices_offline(
     offline: list[str] = []
     for interval in intervals_seen:
         cutoff = now - timedelta(seconds=missed_heartbeats * (interval or default_interval_s))
+        # The rows are locked in id order, as ingest and command issuers lock them, and a row
+        # locked by someone else is skipped: it is being written, most likely by a heartbeat.
+        # A plain UPDATE locked them in scan order and deadlocked with ingest (benchmarks/fleet.py).
+        silent = (
+            sa.select(_DEVICES.c.id)
+            .where(
+                _DEVICES.c.status == ConnectionStatus.ONLINE.value,
+                _DEVICES.c.heartbeat_interval_s.is_(None)
+                if interval is None
+                else _DEVICES.c.heartbeat_interval_s == interval,
+                sa.or_(_DEVICES.c.last_seen_at.is_(None), _DEVICES.c.last_seen_at < cutoff),
+                sa.or_(_DEVICES.c.status_changed_at.is_(None), _DEVICES.c.status_changed_at < cutoff),
+            )
+            .order_by(_DEVICES.c.id)
+            .with_for_update(key_share=True, skip_locked=True)
+        )
         async with engine.begin() as conn:
             rows = await conn.execute(
                 sa.update(_DEVICES)
-                .where(
-                    _DEVICES.c.status == ConnectionStatus.ONLINE.value,
-                    _DEVICES.c.heartbeat_interval_s.is_(None)
-                    if interval is None
-                    else _DEVICES.c.heartbeat_interval_s == interval,
-                    sa.or_(_DEVICES.c.last_seen_at.is_(None), _DEVICES.c.last_seen_at < cutoff),
-                    sa.or_(_DEVICES.c.status_changed_at.is_(None), _DEVICES.c.status_changed_at < cutoff),
-                )
+                .where(_DEVICES.c.id.in_(silent.scalar_subquery()))
                 .values(status=ConnectionStatus.OFFLINE.value, status_changed_at=now)
                 .returning(_DEVICES.c.id)
             )
