@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kernex.agent.commands import CommandHandler, Source
 from kernex.agent.config import LiveSettings
+from kernex.agent.http import request_slot
 from kernex.agent.identity import Identity
 from kernex.agent.outbox import Outbox, OutgoingMessage
 from kernex.agent.wakeup import Wakeup
@@ -169,14 +170,17 @@ class HttpFallback:
             log.error("no HTTP route for a queued message: dropped", topic=message.topic, seq=message.seq)
             self.dropped += 1
             return _Result.SENT, None
-        token = await asyncio.to_thread(devicetoken.issue, self._identity.key, self._identity.device_id)
         try:
-            reply = await self._http.post(
-                url,
-                content=message.payload,
-                headers={"Authorization": f"Bearer {token}", "Content-Type": JOSE_MEDIA_TYPE},
-                timeout=self._live.api_timeout_s,
-            )
+            async with request_slot(self._http):
+                token = await asyncio.to_thread(
+                    devicetoken.issue, self._identity.key, self._identity.device_id
+                )
+                reply = await self._http.post(
+                    url,
+                    content=message.payload,
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": JOSE_MEDIA_TYPE},
+                    timeout=self._live.api_timeout_s,
+                )
         except httpx.TransportError as exc:
             log.warning("HTTP fallback: send failed", seq=message.seq, error=f"{type(exc).__name__}: {exc}")
             return _Result.RETRY, None

@@ -7,7 +7,10 @@ can never disagree about it. The environment's HTTP(S)_PROXY variables are not c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
+from typing import Any
 
 import httpx
 
@@ -34,3 +37,23 @@ def api_client(settings: AgentSettings, *, limits: httpx.Limits = DEFAULT_LIMITS
         trust_env=False,
         limits=limits,
     )
+
+
+class SharedClient(httpx.AsyncClient):
+    """One client for many simulated devices: `slots` requests at once, the others wait their turn.
+
+    Devices hold a slot (`request_slot`) from before they sign a request until its response is
+    read. Waiting in httpcore's pool instead had two costs under 10,000 devices: a short-lived
+    device token went stale in the queue (downloads refused with "Signature has expired"), and
+    the pool rescans every waiting request whenever a connection frees (a whole core spent
+    there during registration). A semaphore queues them in order at constant cost.
+    """
+
+    def __init__(self, *, slots: int, **kwargs: Any) -> None:
+        super().__init__(limits=httpx.Limits(max_connections=slots), **kwargs)
+        self.slots = asyncio.Semaphore(slots)
+
+
+def request_slot(client: httpx.AsyncClient) -> contextlib.AbstractAsyncContextManager[object]:
+    """Hold one of a shared client's request slots; a device's own client has no such limit."""
+    return client.slots if isinstance(client, SharedClient) else contextlib.nullcontext()

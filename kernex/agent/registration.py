@@ -22,6 +22,7 @@ from kernex.agent.exceptions import (
     IncompatibleServerError,
     RegistrationError,
 )
+from kernex.agent.http import request_slot
 from kernex.agent.identity import Identity
 from kernex.kit.backoff import Backoff
 from kernex.kit.logs import get_logger
@@ -117,7 +118,8 @@ class Registrar:
 
     async def _attempt(self, body: dict[str, Any], device_id: str) -> RegistrationResponse:
         try:
-            reply = await self._http.post(self._url, json=body)
+            async with request_slot(self._http):
+                reply = await self._http.post(self._url, json=body)
         except httpx.TransportError as exc:
             raise _TransientError(f"{type(exc).__name__}: {exc}") from None
         if (

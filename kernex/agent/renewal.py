@@ -18,6 +18,7 @@ import httpx
 from cryptography import x509
 from pydantic import BaseModel, ValidationError
 
+from kernex.agent.http import request_slot
 from kernex.agent.identity import Identity
 from kernex.agent.settings import DEFAULT_RENEW_BEFORE_FRACTION
 from kernex.agent.state import StateStore
@@ -78,10 +79,11 @@ class Renewer:
         if registration is None:
             raise RenewalRefusedError("no registration to renew")
         csr = build_csr(self._identity.key, common_name=self._identity.device_id)
-        token = devicetoken.issue(self._identity.key, self._identity.device_id)
-        reply = await self._http.post(
-            self._url, json={"csr": csr}, headers={"Authorization": f"Bearer {token}"}
-        )
+        async with request_slot(self._http):
+            token = devicetoken.issue(self._identity.key, self._identity.device_id)
+            reply = await self._http.post(
+                self._url, json={"csr": csr}, headers={"Authorization": f"Bearer {token}"}
+            )
         if reply.status_code in {HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN, HTTPStatus.NOT_FOUND}:
             raise RenewalRefusedError(f"HTTP {reply.status_code}: {reply.text[:300]}")
         reply.raise_for_status()

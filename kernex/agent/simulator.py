@@ -12,7 +12,6 @@ the host's real hardware. A config command's log level applies to the whole proc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import httpx
 from kernex.agent.agent import Agent
 from kernex.agent.exceptions import AgentError
 from kernex.agent.files import ensure_private_dir
+from kernex.agent.http import SharedClient
 from kernex.agent.settings import AgentSettings
 from kernex.agent.telemetry import Telemetry
 from kernex.kit.logs import get_logger
@@ -36,57 +36,6 @@ HTTP_MAX_CONNECTIONS = 50
 FILE_IO_THREADS = 64
 
 log = get_logger(__name__)
-
-
-class _ReleasingStream(httpx.AsyncByteStream):
-    """A response body that gives its request's slot back once closed (read to the end or not)."""
-
-    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
-
-
-class QueuedTransport(httpx.AsyncBaseTransport):
-    """Lets at most `slots` requests into the connection pool; the rest wait in a semaphore.
-
-    httpcore's pool rescans every queued request whenever a connection frees up, so 10,000
-    simulated devices registering at once spent most of the process's only core in
-    `_assign_requests_to_connections` (py-spy): about 15 registrations/s. A semaphore queues
-    them at constant cost. A slot is held until the response body is closed, so streamed
-    downloads count too.
-    """
-
-    def __init__(self, inner: httpx.AsyncBaseTransport, slots: int) -> None:
-        self._inner = inner
-        self._slots = asyncio.Semaphore(slots)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        await self._slots.acquire()
-        try:
-            response = await self._inner.handle_async_request(request)
-        except BaseException:
-            self._slots.release()
-            raise
-        if not isinstance(response.stream, httpx.AsyncByteStream):
-            self._slots.release()
-            raise TypeError("an async transport answered with a synchronous stream")
-        response.stream = _ReleasingStream(response.stream, self._slots.release)
-        return response
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 def device_dir(base: Path, index: int) -> Path:
@@ -128,13 +77,11 @@ class Simulator:
         asyncio.get_running_loop().set_default_executor(executor)
         await asyncio.to_thread(ensure_private_dir, base)
         telemetry = Telemetry(base)
-        limits = httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS)
         # No pool timeout: a real device has a connection of its own, so a simulated one waits
-        # its turn for the shared pool instead of failing with PoolTimeout and retrying, which
-        # is what a fleet-wide deployment's downloads did (benchmarks/fleet.py).
+        # its turn (kernex.agent.http.SharedClient) instead of failing with PoolTimeout and
+        # retrying, which is what a fleet-wide deployment's downloads did (benchmarks/fleet.py).
         timeout = httpx.Timeout(self.settings.api_timeout_s, pool=None)
-        transport = QueuedTransport(httpx.AsyncHTTPTransport(limits=limits), HTTP_MAX_CONNECTIONS)
-        async with httpx.AsyncClient(timeout=timeout, transport=transport) as http:
+        async with SharedClient(slots=HTTP_MAX_CONNECTIONS, timeout=timeout) as http:
             self.agents = [
                 Agent(self.device_settings(index), http=http, telemetry=telemetry)
                 for index in range(1, self.devices + 1)

@@ -21,6 +21,7 @@ import httpx
 
 from kernex.agent.bundles.archive import refused
 from kernex.agent.bundles.errors import BundleStorageError, DownloadError
+from kernex.agent.http import request_slot
 from kernex.agent.identity import Identity
 from kernex.kit.backoff import Backoff
 from kernex.kit.logs import get_logger
@@ -107,7 +108,8 @@ class Downloader:
                 self._backoff.reset()
             last_have = have
             try:
-                await self._attempt(url, part, sig, sha256=sha256, size=size, have=have)
+                async with request_slot(self._http):
+                    await self._attempt(url, part, sig, sha256=sha256, size=size, have=have)
             except _TransientError as exc:
                 failures += 1
                 if failures >= self._attempts_without_progress:
