@@ -44,6 +44,7 @@ from kernex.protocol.exceptions import SignatureError
 from kernex.protocol.manifest import Manifest
 from kernex.protocol.release import ReleaseClaims, check_release
 from kernex.storage.bundles.exceptions import BundleStoreError, StoredObjectCorruptError
+from kernex.storage.bundles.store import BUNDLE_KEY_PREFIX
 from kernex.storage.models import Bundle, Deployment, DeploymentTarget, DeviceBundleHistory
 
 log = get_logger(__name__)
@@ -101,7 +102,7 @@ async def _receive(
         raise BundleTooLargeError(f"bundle over the {limit}-byte limit (KERNEX_MAX_BUNDLE_BYTES)")
     reader = MultipartReader(content_type)
     bundle_id = uuid.uuid4().hex
-    key = f"bundles/{bundle_id}.tar.gz"
+    key = f"{BUNDLE_KEY_PREFIX}{bundle_id}.tar.gz"
     receiver = _Receiver(limit)
     try:
         async with runtime.store.upload(key) as sink:
