@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -23,6 +23,9 @@ from kernex.protocol.commands import Command, ConfigBody, DeployBody, sign_comma
 from kernex.protocol.keys import PrivateKey
 from kernex.protocol.topics import CommandKind
 from kernex.storage.models import Device, DeviceCommand
+
+# Ids per IN (...): under SQLite's and asyncpg's 32,767 bind parameters, with room to spare.
+ID_CHUNK = 5_000
 
 
 class CommandState(StrEnum):
@@ -96,43 +99,52 @@ async def issue(
     Each device's revision is bumped with an UPDATE in this transaction, so concurrent issuers
     queue on the device row and revisions never repeat. Older commands of the same kind still
     waiting to be published (or cleared) are superseded: only the newest is worth sending.
+    Both are set-based (a statement per ID_CHUNK devices): one statement per device, each
+    synchronised against the whole session, made a 10,000-device deployment take 197 s.
     """
-    commands: list[Command] = []
-    for request in requests:
-        revision = (
-            await session.exec(
-                sa.update(Device)
-                .where(col(Device.id) == request.device_id)
-                .values(command_revision=col(Device.command_revision) + 1)
-                .returning(col(Device.command_revision))
-            )
-        ).scalar_one()
-        commands.append(
-            Command(
-                command_id=uuid.uuid4().hex,
-                device_id=request.device_id,
-                kind=request.kind,
-                revision=revision,
-                issued_at=now,
-                expires_at=min(now + signer.ttl, expires_at) if expires_at else now + signer.ttl,
-                deploy=request.deploy,
-                config=request.config,
-            )
+    device_ids = [request.device_id for request in requests]
+    if len(set(device_ids)) != len(device_ids):
+        raise ValueError("one command per device per call")
+    revisions: dict[str, int] = {}
+    for chunk in _chunks(device_ids):
+        bumped = await session.exec(
+            sa.update(Device)
+            .where(col(Device.id).in_(chunk))
+            .values(command_revision=col(Device.command_revision) + 1)
+            .returning(col(Device.id), col(Device.command_revision))
+            .execution_options(synchronize_session="fetch")
         )
+        revisions.update((device_id, revision) for device_id, revision in bumped)
+    commands = [
+        Command(
+            command_id=uuid.uuid4().hex,
+            device_id=request.device_id,
+            kind=request.kind,
+            revision=revisions[request.device_id],
+            issued_at=now,
+            expires_at=min(now + signer.ttl, expires_at) if expires_at else now + signer.ttl,
+            deploy=request.deploy,
+            config=request.config,
+        )
+        for request in requests
+    ]
     # ECDSA signing is quick, but a fleet-wide change signs thousands: keep it off the event loop.
     tokens = await asyncio.to_thread(lambda: [sign_command(c, signer.key, signer.key_id) for c in commands])
+    for kind in {request.kind for request in requests}:
+        for chunk in _chunks([r.device_id for r in requests if r.kind is kind]):
+            await session.exec(
+                sa.update(DeviceCommand)
+                .where(
+                    col(DeviceCommand.device_id).in_(chunk),
+                    col(DeviceCommand.kind) == kind.value,
+                    # Unsent, or a withdrawal not yet sent: the new command replaces either on the topic.
+                    col(DeviceCommand.state).in_([CommandState.PENDING.value, CommandState.CLEARING.value]),
+                )
+                .values(state=CommandState.SUPERSEDED.value)
+                .execution_options(synchronize_session="fetch")
+            )
     rows: list[DeviceCommand] = []
     for command, token in zip(commands, tokens, strict=True):
-        await session.exec(
-            sa.update(DeviceCommand)
-            .where(
-                col(DeviceCommand.device_id) == command.device_id,
-                col(DeviceCommand.kind) == command.kind.value,
-                # Not yet sent, or a withdrawal not yet sent: the new command replaces either on the topic.
-                col(DeviceCommand.state).in_([CommandState.PENDING.value, CommandState.CLEARING.value]),
-            )
-            .values(state=CommandState.SUPERSEDED.value)
-        )
         row = DeviceCommand(
             id=command.command_id,
             device_id=command.device_id,
@@ -204,3 +216,8 @@ async def standing(session: AsyncSession, device_id: str, now: datetime) -> list
         ):
             found.append(row)
     return found
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), ID_CHUNK):
+        yield ids[start : start + ID_CHUNK]

@@ -8,6 +8,7 @@ the commit. Raises domain errors, knows nothing of HTTP; every change is audit-l
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -263,11 +264,19 @@ async def _store_versions(
                 device_id=change.device_id, config=ConfigBody(version=row.version, values=values)
             )
         )
-        await session.exec(
-            sa.update(Device)
-            .where(col(Device.id) == change.device_id)
-            .values(heartbeat_interval_s=change.merged.heartbeat_interval_s)
-        )
+    # One UPDATE per distinct interval (and ID_CHUNK devices), not per device: each statement is
+    # synchronised against the whole session, so per-device updates grew with the fleet squared.
+    by_interval: dict[int | None, list[str]] = defaultdict(list)
+    for change in changes:
+        by_interval[change.merged.heartbeat_interval_s].append(change.device_id)
+    for interval, device_ids in by_interval.items():
+        for start in range(0, len(device_ids), commands.ID_CHUNK):
+            await session.exec(
+                sa.update(Device)
+                .where(col(Device.id).in_(device_ids[start : start + commands.ID_CHUNK]))
+                .values(heartbeat_interval_s=interval)
+                .execution_options(synchronize_session="fetch")
+            )
     await session.flush()
     await commands.issue(session, runtime.signer, requests, now)
     return rows
