@@ -113,10 +113,15 @@ def _fleet_table(data: dict[str, Any]) -> list[str]:
                 f"| {r['retained_baseline_s']:,.1f} s |"
             ),
             (
-                "| deployment: every device succeeded after "
-                f"| {'timed out' if done is None else f'{done:,.1f} s'} |"
+                "| deployment: finished after "
+                f"| {'not within the benchmark timeout' if done is None else f'{done:,.1f} s'} |"
             ),
+            "| deployment: targets by status | "
+            + ", ".join(f"{status} {n:,}" for status, n in sorted(r["deploy_counts"].items()))
+            + " |",
         ]
+        if "deploy_succeeded_per_s" in r:
+            lines.append(f"| deployment: devices succeeded per second | {r['deploy_succeeded_per_s']:,.1f} |")
     return lines
 
 

@@ -5,8 +5,11 @@ Run: .venv/bin/python -m benchmarks.soak [--minutes 10] [--rate 5000] [--devices
 
 Load comes in rounds of `--round-s` seconds from `--publishers` processes (benchmarks.mqttload:
 one mutual-TLS connection per device, QoS 1, heartbeats signed before each round starts, seqs
-continuing across rounds). Every `--sample-s` the RSS of the ingest workers and the API is
-sampled and the API is asked /readyz and /metrics. At the end, after the backlog drains:
+continuing across rounds). Between rounds nothing is offered while the next one is signed; for
+load that never pauses, sign the whole run as one round: `--round-s 600 --warmup-s 400` (the
+warm-up counts from the start, signing included). Every `--sample-s` the RSS of the ingest
+workers and the API is sampled and the API is asked /readyz and /metrics. At the end, after
+the backlog drains:
 
 - offered vs persisted rate, and heartbeats lost (acknowledged by the broker, never stored);
 - RSS of ingest and the API: the baseline is the first sample after the warm-up round (same
@@ -42,7 +45,9 @@ from kernex.protocol.topics import DEFAULT_PREFIX
 
 SPAWN = multiprocessing.get_context("spawn")  # no inherited event loops, threads or sockets
 BIN = Path(sys.executable).parent
-READY_TIMEOUT_S = 300.0  # signing a round and connecting a publisher's devices, on a busy host
+# Signing a round and connecting a publisher's devices; a whole 10-minute run signed up front
+# (--round-s 600: 3 million heartbeats, about 2 GB across the publishers) takes minutes.
+READY_TIMEOUT_S = 1200.0
 DRAIN_STALL_S = 120.0  # no new row for this long: the backlog is gone, or stuck
 POLL_S = 0.5
 METRICS_TIMEOUT_S = 30.0  # a worker working through a backlog answers its scrape slowly
