@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import httpx
 import pytest
 
 from kernex.agent.exceptions import RegistrationError
+from kernex.agent.http import SharedClient, request_slot
 from kernex.agent.identity import KEY_FILE
 from kernex.agent.settings import AgentSettings
 from kernex.agent.simulator import Simulator, device_dir
@@ -67,3 +69,49 @@ async def test_every_device_refused_is_an_error(api, tmp_path):
         await simulator.run()
 
     assert len(simulator.failures) == 2
+
+
+async def test_shared_client_lets_a_device_sign_only_once_it_holds_a_request_slot() -> None:
+    """Simulated devices share one client: at most `slots` of them are between signing a
+    request and reading its answer, so a short-lived token never waits in a queue; a device's
+    own client puts no limit there."""
+    slots, devices = 3, 12
+    in_server = peak_in_server = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal in_server, peak_in_server
+        while await reader.readuntil(b"\r\n\r\n"):
+            in_server += 1
+            peak_in_server = max(peak_in_server, in_server)
+            await asyncio.sleep(0.05)  # a request that takes a while, as a download does
+            in_server -= 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+
+    async def signed_requests(client: httpx.AsyncClient) -> int:
+        signing = peak_signing = 0
+
+        async def device() -> None:
+            nonlocal signing, peak_signing
+            async with request_slot(client):
+                signing += 1  # from here the device's token ages: it signs, then sends
+                peak_signing = max(peak_signing, signing)
+                response = await client.get(url)
+                assert response.text == "ok"
+                signing -= 1
+
+        await asyncio.gather(*(device() for _ in range(devices)))
+        return peak_signing
+
+    try:
+        async with SharedClient(slots=slots) as shared:
+            assert await signed_requests(shared) == slots
+        assert peak_in_server <= slots
+        async with httpx.AsyncClient() as own:
+            assert await signed_requests(own) == devices
+    finally:
+        server.close()
+        await server.wait_closed()

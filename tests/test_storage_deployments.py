@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import col
 
 from kernex.protocol.messages import Event
 from kernex.storage.database import create_engine
-from kernex.storage.deployments import DeploymentStatus, aggregate_status
-from kernex.storage.models import DeviceEvent
+from kernex.storage.deployments import DeploymentStatus, aggregate_status, recompute, record_history
+from kernex.storage.models import Bundle, Deployment, DeviceBundleHistory, DeviceEvent
 from kernex.storage.records import VerifiedEvent
 from kernex.storage.writer import BatchWriter
 from tests.fixtures.ingest import new_key, register_device
@@ -66,5 +68,47 @@ async def test_reports_that_match_nothing_are_stored_and_change_nothing(database
         async with engine.connect() as conn:
             stored = (await conn.execute(sa.select(sa.func.count()).select_from(DeviceEvent))).scalar_one()
         assert stored == 3
+    finally:
+        await engine.dispose()
+
+
+async def test_two_workers_recomputing_one_deployment_queue_instead_of_deadlocking(pg_url: str) -> None:
+    """Each transaction first inserts a history row that refers to the deployment (a key-share
+    lock on its row, from the foreign key), then recomputes it, as two ingest workers applying
+    final reports of the same deployment do. Locking the row FOR UPDATE there deadlocked; the
+    recompute's FOR NO KEY UPDATE is compatible with the key-share locks, so the second waits."""
+    engine = create_engine(pg_url)
+    try:
+        device_ids = [await register_device(engine, new_key()) for _ in range(2)]
+        now = datetime.now(UTC)
+        async with engine.begin() as conn:
+            bundle = Bundle(name="app", version="1.0.0", sha256="0" * 64, size=1, storage_key="bundles/x")
+            await conn.execute(sa.insert(Bundle).values(**bundle.model_dump()))
+            deployment = Deployment(bundle_id=bundle.id, status="in_progress")
+            await conn.execute(sa.insert(Deployment).values(**deployment.model_dump()))
+        both_hold_key_share = asyncio.Barrier(2)
+
+        async def worker(device_id: str) -> None:
+            async with engine.begin() as conn:
+                await record_history(
+                    conn,
+                    device_id=device_id,
+                    deployment_id=deployment.id,
+                    bundle_id=bundle.id,
+                    version="1.0.0",
+                    result="succeeded",
+                    started_at=now,
+                    finished_at=now,
+                )
+                await both_hold_key_share.wait()
+                await recompute(conn, [deployment.id], now)
+
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(worker(d) for d in device_ids))
+        async with engine.connect() as conn:
+            history = await conn.execute(
+                sa.select(sa.func.count()).where(col(DeviceBundleHistory.deployment_id) == deployment.id)
+            )
+            assert history.scalar_one() == len(device_ids)
     finally:
         await engine.dispose()
