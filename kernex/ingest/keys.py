@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kernex.kit.chunks import chunks
 from kernex.kit.logs import get_logger
 from kernex.protocol.exceptions import InvalidKeyError
 from kernex.protocol.keys import PublicKey, load_public_key_pem
@@ -125,8 +126,7 @@ class KeyCache:
         table = Device.__table__  # type: ignore[attr-defined]  # SQLModel sets it at class creation
         result: dict[str, AdmissionState] = {}
         async with self._engine.connect() as conn:
-            for start in range(0, len(device_ids), LOOKUP_CHUNK):
-                chunk = device_ids[start : start + LOOKUP_CHUNK]
+            for chunk in chunks(device_ids, LOOKUP_CHUNK):
                 rows = await conn.execute(sa.select(table.c.id, table.c.state).where(table.c.id.in_(chunk)))
                 for device_id, state in rows:
                     result[device_id] = _state(device_id, state)
@@ -137,8 +137,7 @@ class KeyCache:
         columns = (table.c.id, table.c.state, table.c.public_key_pem)
         result: dict[str, DeviceKey] = {}
         async with self._engine.connect() as conn:
-            for start in range(0, len(device_ids), LOOKUP_CHUNK):
-                chunk = device_ids[start : start + LOOKUP_CHUNK]
+            for chunk in chunks(device_ids, LOOKUP_CHUNK):
                 rows = await conn.execute(sa.select(*columns).where(table.c.id.in_(chunk)))
                 for device_id, state, pem in rows:
                     result[device_id] = DeviceKey(

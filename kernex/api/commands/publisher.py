@@ -15,23 +15,22 @@ down, or by a request that failed to publish) every interval, and at once after 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kernex.api.broker_link import MAX_INFLIGHT, BrokerLink, BrokerUnavailableError
 from kernex.api.commands.service import CommandState
+from kernex.kit.chunks import chunks
 from kernex.kit.logs import get_logger
 from kernex.kit.pacer import Pacer
 from kernex.protocol.topics import CommandKind, Topics
 from kernex.storage.models import DeviceCommand
 
 log = get_logger(__name__)
-_T = TypeVar("_T")
 
 # A topic whose newest command keeps changing while it is published is left to the next pass
 # rather than chased forever.
@@ -154,7 +153,7 @@ class CommandPublisher:
         found: dict[tuple[str, str], _Newest] = {}
         device_ids = sorted({device_id for device_id, _ in topics})
         async with self._engine.connect() as conn:
-            for chunk in _chunks(device_ids, QUERY_CHUNK):
+            for chunk in chunks(device_ids, QUERY_CHUNK):
                 ranked = (
                     sa.select(
                         _COMMANDS.c.id,
@@ -186,7 +185,7 @@ class CommandPublisher:
         async with self._engine.begin() as conn:
             for clearing, (before, after, stamp) in _MARKS.items():
                 group = [c for c in published if c.clearing == clearing]
-                for chunk in _chunks([c.id for c in group], QUERY_CHUNK):
+                for chunk in chunks([c.id for c in group], QUERY_CHUNK):
                     await conn.execute(
                         sa.update(_COMMANDS)
                         .where(_COMMANDS.c.id.in_(chunk), _COMMANDS.c.state == before.value)
@@ -228,8 +227,3 @@ class CommandPublisher:
                 if published:
                     log.info("pending commands published", topics=published)
             await self._pace.wait()
-
-
-def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

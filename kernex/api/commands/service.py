@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from kernex.kit.chunks import chunks
 from kernex.protocol.commands import Command, ConfigBody, DeployBody, sign_command
 from kernex.protocol.keys import PrivateKey
 from kernex.protocol.topics import CommandKind
@@ -106,7 +107,7 @@ async def issue(
     if len(set(device_ids)) != len(device_ids):
         raise ValueError("one command per device per call")
     revisions: dict[str, int] = {}
-    for chunk in _chunks(device_ids):
+    for chunk in chunks(device_ids, ID_CHUNK):
         bumped = await session.exec(
             sa.update(Device)
             .where(col(Device.id).in_(chunk))
@@ -131,7 +132,7 @@ async def issue(
     # ECDSA signing is quick, but a fleet-wide change signs thousands: keep it off the event loop.
     tokens = await asyncio.to_thread(lambda: [sign_command(c, signer.key, signer.key_id) for c in commands])
     for kind in {request.kind for request in requests}:
-        for chunk in _chunks([r.device_id for r in requests if r.kind is kind]):
+        for chunk in chunks([r.device_id for r in requests if r.kind is kind], ID_CHUNK):
             await session.exec(
                 sa.update(DeviceCommand)
                 .where(
@@ -216,8 +217,3 @@ async def standing(session: AsyncSession, device_id: str, now: datetime) -> list
         ):
             found.append(row)
     return found
-
-
-def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(ids), ID_CHUNK):
-        yield ids[start : start + ID_CHUNK]

@@ -30,6 +30,7 @@ from kernex.api.configs.schemas import (
     ReportedConfig,
 )
 from kernex.api.errors import ConflictError, NotFoundError
+from kernex.kit.chunks import chunks
 from kernex.kit.logs import get_logger
 from kernex.protocol.commands import ConfigBody
 from kernex.protocol.config import DeviceSettings, SettingsOverrides, merge
@@ -106,8 +107,7 @@ async def set_fleet_defaults(
             ).all()
         )
         changed: list[str] = []
-        for start in range(0, len(device_ids), DEVICE_CHUNK):
-            chunk = device_ids[start : start + DEVICE_CHUNK]
+        for chunk in chunks(device_ids, DEVICE_CHUNK):
             await commands.lock_devices(session, chunk)
             latest = await _latest_configs(session, chunk)
             changes = []
@@ -270,10 +270,10 @@ async def _store_versions(
     for change in changes:
         by_interval[change.merged.heartbeat_interval_s].append(change.device_id)
     for interval, device_ids in by_interval.items():
-        for start in range(0, len(device_ids), commands.ID_CHUNK):
+        for chunk in chunks(device_ids, commands.ID_CHUNK):
             await session.exec(
                 sa.update(Device)
-                .where(col(Device.id).in_(device_ids[start : start + commands.ID_CHUNK]))
+                .where(col(Device.id).in_(chunk))
                 .values(heartbeat_interval_s=interval)
                 .execution_options(synchronize_session="fetch")
             )
