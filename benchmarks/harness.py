@@ -13,6 +13,7 @@ import asyncio
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -128,6 +129,10 @@ class Broker:
     process: MosquittoProcess
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class Platform:
     """A temporary data dir with a fleet PKI, a fresh Postgres database, and brokers on demand.
 
@@ -153,6 +158,10 @@ class Platform:
         self._children: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Self:
+        # SIGTERM (`kill`, a CI timeout) would end the benchmark without __exit__, leaving its
+        # broker, ingest workers, API and simulator running and its database behind: as an
+        # exception it unwinds like Ctrl-C does.
+        signal.signal(signal.SIGTERM, _terminated)
         asyncio.run(self._admin(f'CREATE DATABASE "{self.db_name}"'))
         upgrade(self.database_url)
         return self
