@@ -154,24 +154,34 @@ class CommandPublisher:
         device_ids = sorted({device_id for device_id, _ in topics})
         async with self._engine.connect() as conn:
             for chunk in chunks(device_ids, QUERY_CHUNK):
-                ranked = (
+                # The newest revision per topic comes from the (device_id, kind, revision) index
+                # alone; only those rows are read whole (a signed token each), not the history.
+                newest = (
+                    sa.select(
+                        _COMMANDS.c.device_id,
+                        _COMMANDS.c.kind,
+                        sa.func.max(_COMMANDS.c.revision).label("revision"),
+                    )
+                    .where(_COMMANDS.c.device_id.in_(chunk))
+                    .group_by(_COMMANDS.c.device_id, _COMMANDS.c.kind)
+                    .subquery()
+                )
+                rows = await conn.execute(
                     sa.select(
                         _COMMANDS.c.id,
                         _COMMANDS.c.device_id,
                         _COMMANDS.c.kind,
                         _COMMANDS.c.state,
                         _COMMANDS.c.token,
-                        sa.func.row_number()
-                        .over(
-                            partition_by=(_COMMANDS.c.device_id, _COMMANDS.c.kind),
-                            order_by=_COMMANDS.c.revision.desc(),
-                        )
-                        .label("rank"),
+                    ).join(
+                        newest,
+                        sa.and_(
+                            _COMMANDS.c.device_id == newest.c.device_id,
+                            _COMMANDS.c.kind == newest.c.kind,
+                            _COMMANDS.c.revision == newest.c.revision,
+                        ),
                     )
-                    .where(_COMMANDS.c.device_id.in_(chunk))
-                    .subquery()
                 )
-                rows = await conn.execute(sa.select(ranked).where(ranked.c.rank == 1))
                 for row in rows:
                     if (row.device_id, row.kind) in wanted:
                         command = _Newest(row.id, row.device_id, row.kind, row.state, row.token)
