@@ -70,6 +70,7 @@ async def _sample(dsn: str) -> Sample:
         newest = await conn.fetchval("SELECT extract(epoch FROM now() - max(received_at)) FROM heartbeats")
     finally:
         await conn.close()
+    assert row is not None  # an aggregate without GROUP BY returns exactly one row
     return Sample(
         time.monotonic(), row["registered"], row["online"], heartbeats, float(newest) if newest else None
     )

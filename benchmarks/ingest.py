@@ -268,8 +268,15 @@ async def _naive(spec: NaiveSpec, pipe: Connection) -> None:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=spec.ca_path)
     context.load_cert_chain(spec.cert_path, spec.key_path)
     client.tls_set_context(context)
-    client.on_subscribe = lambda *_args: loop.call_soon_threadsafe(subscribed.set)
-    client.on_message = lambda _c, _u, message: loop.call_soon_threadsafe(queue.put_nowait, message)
+
+    def on_subscribe(*_args: object) -> None:
+        loop.call_soon_threadsafe(subscribed.set)
+
+    def on_message(_client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, message)
+
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
     client.connect(HOST, spec.port, keepalive=60)
     client.loop_start()
     client.subscribe(topics.all_devices(Channel.HEARTBEAT), qos=1)
@@ -290,7 +297,8 @@ async def _naive(spec: NaiveSpec, pipe: Connection) -> None:
             break
         if not first:
             first = time.monotonic()
-        verdict = verifier.verify(RawMessage(message.topic, message.payload, datetime.now(UTC)), keys.get)
+        raw = RawMessage(message.topic, bytes(message.payload), datetime.now(UTC))
+        verdict = verifier.verify(raw, keys.get)
         if isinstance(verdict, VerifiedHeartbeat):
             c = verdict.claims
             # One statement outside a transaction block: asyncpg commits it on its own.
