@@ -102,14 +102,14 @@ class _Inbound(NamedTuple):
 def classify(token: bytes, pinned: Mapping[str, PublicKey], device_id: str) -> Refusal:
     """Why verify_command refused a token: only to name the reason in the log, never to trust it."""
     try:
-        header = jws.unverified_header(token)
+        parsed = jws.parse(token)
     except SignatureError:
         return Refusal.MALFORMED
-    kid = header.get("kid")
-    if header.get("typ") != jws.TYP_COMMAND or not isinstance(kid, str) or kid not in pinned:
+    kid = parsed.header.get("kid")
+    if parsed.header.get("typ") != jws.TYP_COMMAND or not isinstance(kid, str) or kid not in pinned:
         return Refusal.FORGED
     try:
-        claims = json.loads(jws.verify(token, pinned[kid]).payload)
+        claims = json.loads(jws.verify(parsed, pinned[kid]).payload)
     except SignatureError:
         return Refusal.FORGED
     except ValueError:

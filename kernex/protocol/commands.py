@@ -83,13 +83,14 @@ def verify_command(
     token: str | bytes, pinned: Mapping[str, PublicKey], *, device_id: str, now: datetime
 ) -> Command:
     """Verify a command for this device: pinned key, valid signature, addressed here, not expired."""
-    header = jws.unverified_header(token)
+    parsed = jws.parse(token)
+    header = parsed.header
     if header.get("typ") != jws.TYP_COMMAND:
         raise SignatureError("not a command")
     kid = header.get("kid")
     if not isinstance(kid, str) or kid not in pinned:
         raise SignatureError(f"command signed by a key this device does not trust: {kid!r}")
-    verified = jws.verify(token, pinned[kid])
+    verified = jws.verify(parsed, pinned[kid])
     try:
         command = Command.model_validate(json.loads(verified.payload))
     except (ValueError, ValidationError) as exc:
@@ -134,13 +135,14 @@ def verify_key_set(
     version is not above current_version, MessageError when its claims or keys are unusable
     (a set is taken whole or not at all: a device never pins half of one).
     """
-    header = jws.unverified_header(token)
+    parsed = jws.parse(token)
+    header = parsed.header
     if header.get("typ") != TYP_KEY_SET:
         raise SignatureError("not a command key set")
     kid = header.get("kid")
     if not isinstance(kid, str) or kid not in pinned:
         raise SignatureError(f"key set signed by a key this device does not trust: {kid!r}")
-    verified = jws.verify(token, pinned[kid])
+    verified = jws.verify(parsed, pinned[kid])
     try:
         key_set = KeySet.model_validate(json.loads(verified.payload))
     except (ValueError, ValidationError) as exc:

@@ -46,13 +46,14 @@ def sign_release(claims: ReleaseClaims, key: PrivateKey, key_id: str) -> str:
 
 def verify_release(signature: str, trusted: Mapping[str, PublicKey]) -> tuple[str, ReleaseClaims]:
     """Verify against trusted release keys by kid; returns the signing kid and the claims."""
-    header = jws.unverified_header(signature)
+    parsed = jws.parse(signature)
+    header = parsed.header
     if header.get("typ") != TYP_RELEASE:
         raise SignatureError("not a release signature")
     kid = header.get("kid")
     if not isinstance(kid, str) or kid not in trusted:
         raise SignatureError(f"release signed by unknown key {kid!r}")
-    verified = jws.verify(signature, trusted[kid])
+    verified = jws.verify(parsed, trusted[kid])
     try:
         return kid, ReleaseClaims.model_validate(json.loads(verified.payload))
     except (ValueError, ValidationError) as exc:

@@ -107,15 +107,15 @@ def as_utc(ts: datetime) -> datetime:
 def _verified_payload(token: bytes, device_id: str, key: PublicKey | None, kind: SignedKind) -> bytes:
     """The claims bytes of a JWS signed by the device's registered key, for this channel."""
     try:
-        header = jws.unverified_header(token)
+        parsed = jws.parse(token)
     except SignatureError as exc:
         raise MessageRejected(RejectReason.MALFORMED, f"not a JWS: {exc}") from None
-    if header.get("kid") != device_id:
+    if parsed.header.get("kid") != device_id:
         raise MessageRejected(RejectReason.TOPIC_MISMATCH, "JWS kid is not the topic's device id")
     if key is None:
         raise MessageRejected(RejectReason.BAD_SIGNATURE, "the registered public key does not load")
     try:
-        verified = jws.verify(token, key)
+        verified = jws.verify(parsed, key)
     except SignatureError as exc:
         raise MessageRejected(RejectReason.BAD_SIGNATURE, str(exc)) from None
     expected_typ = jws.TYP_HEARTBEAT if kind is SignedKind.HEARTBEAT else jws.TYP_EVENT
