@@ -19,7 +19,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import (
+    APIResponse,
+    Browser,
+    ConsoleMessage,
+    Page,
+    Route,
+    async_playwright,
+    expect,
+)
 
 from kernex.agent.agent import Agent
 from kernex.agent.settings import AgentSettings
@@ -447,3 +455,88 @@ async def _post(platform: Platform, path: str, token: str) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.post(platform.api_url + path, headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 204, response.text
+
+
+async def test_a_configuration_read_in_flight_never_undoes_an_edit_or_a_save(
+    sqlite_url: str, tmp_path: Path, browser: Browser
+) -> None:
+    # A live update re-reads the configuration; its answer used to be shown whenever it came:
+    # over the form the operator was filling in (their choice silently gone), or over the
+    # newer configuration their save had just sent. Reads are held here to make that certain.
+    async with run_platform(tmp_path, sqlite_url) as platform:
+        device = SimDevice(
+            AgentSettings(api_url=platform.api_url, state_dir=tmp_path / "agent", name="cfg-1")
+        )
+        device.start()
+        try:
+
+            async def online() -> bool:
+                return bool((await platform.get("/api/v1/devices", status="online")).json()["total"] == 1)
+
+            await wait_for(online, SETTLE_S, "the agent online", log=platform)
+            context = await browser.new_context()
+            page = await context.new_page()
+            errors = watch_errors(page)
+            await page.goto(f"{platform.api_url}/ui/#/devices/{device.id}")
+            await page.get_by_label("Username").fill(ADMIN_USERNAME)
+            await page.get_by_label("Password").fill(ADMIN_PASSWORD)
+            await page.get_by_role("button", name="Sign in").click()
+            config = page.locator("section", has=page.get_by_role("heading", name="Configuration"))
+            await expect(config.get_by_label("Log level")).to_be_visible()
+
+            # Each read is answered by the server at once, and that answer handed to the page later:
+            # an answer that describes the configuration as it was when the read went out.
+            held: list[tuple[Route, APIResponse]] = []
+
+            async def hold_reads(route: Route) -> None:
+                if route.request.method == "GET":
+                    held.append((route, await route.fetch()))
+                else:
+                    await route.continue_()
+
+            async def read_held() -> bool:
+                return bool(held)
+
+            async def answer(route: Route, response: APIResponse) -> None:
+                async with page.expect_response(lambda r: r.request == route.request) as delivered:
+                    await route.fulfill(response=response)
+                await (await delivered.value).finished()
+
+            async def release(reads: list[tuple[Route, APIResponse]]) -> None:
+                # Each answered and handled by the page (its answer is on screen or dropped).
+                for route, response in reads:
+                    await answer(route, response)
+                await page.evaluate("() => new Promise((done) => setTimeout(done, 500))")
+
+            def take_held() -> list[tuple[Route, APIResponse]]:
+                reads, held[:] = list(held), []
+                return reads
+
+            await page.route(f"**/api/v1/devices/{device.id}/config", hold_reads)
+            discard = config.get_by_role("button", name="Discard changes")
+
+            # A read goes out, then the operator starts editing before it answers.
+            await discard.click()
+            await wait_for(read_held, 10, "the configuration read held")
+            await config.get_by_label("Log level").select_option("DEBUG")
+            await config.locator("form").evaluate("(form) => { form.dataset.probe = 'kept'; }")
+            await release(take_held())
+            assert await config.locator("form[data-probe=kept]").count() == 1, "the form was redrawn"
+            assert await config.get_by_label("Log level").input_value() == "DEBUG"
+
+            # A read goes out, then the operator saves before it answers.
+            await discard.click()
+            await wait_for(read_held, 10, "the configuration read held")
+            before_save = take_held()
+            await config.get_by_role("button", name="Save and send to the device").click()
+            await expect(config.locator(".sync")).to_contain_text("Waiting for the device: desired version 1")
+            await release(before_save)
+            # Not a retrying expectation: a later refresh would show DEBUG again and hide the bug.
+            assert "DEBUG" in await config.locator("table").inner_text()
+            await release(take_held())  # live re-reads since the save
+            await page.unroute(f"**/api/v1/devices/{device.id}/config")
+            assert not errors, "\n".join(errors)
+            await context.close()
+        finally:
+            await device.stop()
+    assert platform.proc.returncode == 0, platform.log()[-3000:]

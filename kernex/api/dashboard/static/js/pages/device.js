@@ -269,13 +269,19 @@ export async function render(ctx) {
   }
 
   let editing = false;
+  // Bumped by every read and every save: an answer to an older request is dropped, so a read
+  // sent before a save cannot put the old configuration back on screen after it.
+  let configRequest = 0;
   async function loadConfig() {
     if (editing) return; // never pull the form from under someone typing
+    const request = ++configRequest;
+    // Checked again on the answer: the operator may have started editing while it was on its way.
+    const current = () => !ctx.stale() && !editing && request === configRequest;
     try {
       const view = await api("GET", `${path}/config`);
-      if (!ctx.stale()) showConfig(view);
+      if (current()) showConfig(view);
     } catch (error) {
-      if (!ctx.stale()) clear(config, h("h2", { id: "config-h" }, "Configuration"), errorState(error, loadConfig));
+      if (current()) clear(config, h("h2", { id: "config-h" }, "Configuration"), errorState(error, loadConfig));
     }
   }
 
@@ -398,6 +404,7 @@ export async function render(ctx) {
             }
           }
           save.disabled = true;
+          configRequest += 1; // reads already on their way predate this save
           try {
             const view = await api("PUT", `${path}/config`, { body });
             editing = false;
