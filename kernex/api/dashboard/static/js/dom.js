@@ -260,6 +260,22 @@ export function debounce(fn, ms) {
   };
 }
 
+// Reads whose answers may arrive out of order (the browser spreads requests over several
+// connections): `start()` before each read returns `current()`, false once a newer read started
+// or `supersede()` was called (by a save), so an older answer never draws over a newer view.
+export function readSequence() {
+  let newest = 0;
+  return {
+    start() {
+      const ticket = ++newest;
+      return () => ticket === newest;
+    },
+    supersede() {
+      newest += 1;
+    },
+  };
+}
+
 // At most one call per `ms`, the last one always made: for re-fetches that live events trigger.
 export function throttle(fn, ms) {
   let last = 0;

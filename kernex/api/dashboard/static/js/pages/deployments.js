@@ -16,6 +16,7 @@ import {
   h,
   notify,
   progress,
+  readSequence,
   shortId,
   throttle,
   when,
@@ -110,14 +111,17 @@ export async function renderList(ctx) {
     );
   }
 
+  // A live re-read sent before the status filter changed must not draw the old filter's list.
+  const reads = readSequence();
   async function load() {
+    const latest = reads.start();
     try {
       const page = await api("GET", "/api/v1/deployments", { params: { status: status.value, limit: 100 } });
-      if (ctx.stale()) return;
+      if (ctx.stale() || !latest()) return;
       items = page.items;
       show();
     } catch (error) {
-      if (!ctx.stale()) clear(list, errorState(error, load));
+      if (!ctx.stale() && latest()) clear(list, errorState(error, load));
     }
   }
   const reload = throttle(load, 3000);

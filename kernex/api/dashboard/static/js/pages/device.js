@@ -17,6 +17,7 @@ import {
   formatNumber,
   h,
   notify,
+  readSequence,
   throttle,
   when,
 } from "../dom.js";
@@ -163,12 +164,14 @@ export async function render(ctx) {
 
   // Heartbeats newest first from the API; charted oldest first.
   let beats = [];
+  const metricsReads = readSequence(); // the window can change while a read is on its way
   async function loadMetrics() {
+    const latest = metricsReads.start();
     const minutes = Number(windowSelect.value);
     const since = new Date(Date.now() - minutes * 60000).toISOString();
     try {
       const page = await api("GET", `${path}/heartbeats`, { params: { since, limit: HEARTBEAT_LIMIT } });
-      if (ctx.stale()) return;
+      if (ctx.stale() || !latest()) return;
       beats = page.items.slice().reverse();
       drawCharts();
       const newest = beats[beats.length - 1];
@@ -182,7 +185,7 @@ export async function render(ctx) {
         showDevice(device);
       }
     } catch (error) {
-      if (!ctx.stale()) clear(charts, errorState(error, loadMetrics));
+      if (!ctx.stale() && latest()) clear(charts, errorState(error, loadMetrics));
     }
   }
 
@@ -269,14 +272,14 @@ export async function render(ctx) {
   }
 
   let editing = false;
-  // Bumped by every read and every save: an answer to an older request is dropped, so a read
-  // sent before a save cannot put the old configuration back on screen after it.
-  let configRequest = 0;
+  // A save supersedes the reads on their way, so one sent before it cannot bring the old
+  // configuration back on screen after it.
+  const configReads = readSequence();
   async function loadConfig() {
     if (editing) return; // never pull the form from under someone typing
-    const request = ++configRequest;
+    const latest = configReads.start();
     // Checked again on the answer: the operator may have started editing while it was on its way.
-    const current = () => !ctx.stale() && !editing && request === configRequest;
+    const current = () => !ctx.stale() && !editing && latest();
     try {
       const view = await api("GET", `${path}/config`);
       if (current()) showConfig(view);
@@ -404,7 +407,7 @@ export async function render(ctx) {
             }
           }
           save.disabled = true;
-          configRequest += 1; // reads already on their way predate this save
+          configReads.supersede();
           try {
             const view = await api("PUT", `${path}/config`, { body });
             editing = false;

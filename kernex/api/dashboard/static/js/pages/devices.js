@@ -1,7 +1,20 @@
 // Device list: filter by status and admission state, search, sort, page; rows update live.
 
 import { api } from "../api.js";
-import { add, ago, badge, clear, debounce, empty, errorState, field, h, shortId, throttle } from "../dom.js";
+import {
+  add,
+  ago,
+  badge,
+  clear,
+  debounce,
+  empty,
+  errorState,
+  field,
+  h,
+  readSequence,
+  shortId,
+  throttle,
+} from "../dom.js";
 
 const PAGE = 100;
 const SORTS = {
@@ -148,17 +161,20 @@ export async function render(ctx) {
     );
   }
 
+  // A live re-read sent before the filters changed must not draw the old filter's page.
+  const reads = readSequence();
   async function load() {
+    const latest = reads.start();
     try {
       const page = await api("GET", "/api/v1/devices", {
         params: { status: status.value, state: state.value, q: search.value.trim(), sort: sort.value, limit: PAGE, offset },
       });
-      if (ctx.stale()) return;
+      if (ctx.stale() || !latest()) return;
       items = page.items;
       total = page.total;
       show();
     } catch (error) {
-      if (!ctx.stale()) clear(list, errorState(error, load));
+      if (!ctx.stale() && latest()) clear(list, errorState(error, load));
     }
   }
   const reload = throttle(load, 3000);
