@@ -1,7 +1,7 @@
 // The audit log (admins): who did what, when, from where, filtered and paged.
 
 import { api } from "../api.js";
-import { add, clear, empty, errorState, field, h, when } from "../dom.js";
+import { add, clear, empty, errorState, field, h, readSequence, when } from "../dom.js";
 
 const PAGE = 50;
 
@@ -45,12 +45,15 @@ export async function render(ctx) {
     pager,
   );
 
+  // Filtering or paging again before an answer came: only the newest read is drawn.
+  const reads = readSequence();
   async function load() {
+    const latest = reads.start();
     try {
       const page = await api("GET", "/api/v1/audit", {
         params: { actor: actor.value.trim(), action: action.value.trim(), outcome: outcome.value, limit: PAGE, offset },
       });
-      if (ctx.stale()) return;
+      if (ctx.stale() || !latest()) return;
       summary.textContent = page.total ? `${page.total} entries, newest first` : "";
       clear(
         list,
@@ -135,7 +138,7 @@ export async function render(ctx) {
           : null,
       );
     } catch (error) {
-      if (!ctx.stale()) clear(list, errorState(error, load));
+      if (!ctx.stale() && latest()) clear(list, errorState(error, load));
     }
   }
   await load();

@@ -13,6 +13,7 @@ import {
   formatBytes,
   h,
   notify,
+  readSequence,
   when,
 } from "../dom.js";
 
@@ -101,10 +102,13 @@ export async function renderList(ctx) {
     );
   add(main, h("section", { "aria-label": "Bundles" }, list));
 
+  // A live re-read sent before an upload finished must not hide the new bundle again.
+  const reads = readSequence();
   async function load() {
+    const latest = reads.start();
     try {
       const page = await api("GET", "/api/v1/bundles", { params: { limit: 200 } });
-      if (ctx.stale()) return;
+      if (ctx.stale() || !latest()) return;
       if (!page.items.length) {
         clear(
           list,
@@ -160,7 +164,7 @@ export async function renderList(ctx) {
         ),
       );
     } catch (error) {
-      if (!ctx.stale()) clear(list, errorState(error, load));
+      if (!ctx.stale() && latest()) clear(list, errorState(error, load));
     }
   }
   ctx.on("refresh", load);
